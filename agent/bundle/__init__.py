@@ -1,0 +1,46 @@
+"""The bundle format and its trust decisions (pure functions over bytes and keys).
+
+Producer: :mod:`packager` builds manifests and signs them. Consumer: :mod:`agent.store` streams a
+bundle through :class:`BundleReader`, verifying with :func:`verify_manifest` before any payload.
+"""
+
+from agent.bundle.archive import BundleReader
+from agent.bundle.keys import Keyring, PublicKey, SigningKey, key_id_of
+from agent.bundle.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    SIGNATURE_NAME,
+    FileEntry,
+    Manifest,
+    Requirements,
+    Target,
+    check_member_path,
+)
+from agent.bundle.verify import (
+    check_file,
+    check_version,
+    parse_signatures,
+    sign_manifest,
+    verify_manifest,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "SIGNATURE_NAME",
+    "BundleReader",
+    "FileEntry",
+    "Keyring",
+    "Manifest",
+    "PublicKey",
+    "Requirements",
+    "SigningKey",
+    "Target",
+    "check_file",
+    "check_member_path",
+    "check_version",
+    "key_id_of",
+    "parse_signatures",
+    "sign_manifest",
+    "verify_manifest",
+]

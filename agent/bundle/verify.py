@@ -1,0 +1,179 @@
+"""Trust decisions over bytes: pure functions, no files, no clock, no network.
+
+Order matters and is fixed: (1) cap the sizes, (2) parse the signature envelope, (3) find a
+signature by a trusted key and verify it over the EXACT manifest bytes, (4) only then parse the
+manifest, (5) check the manifest names the key that signed it, (6) refuse downgrades and replays.
+Payload checks (length + sha256 per file) use :func:`check_file`, called while streaming.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from agent.bundle.keys import Keyring, SigningKey
+from agent.bundle.manifest import MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES, FileEntry, Manifest
+from agent.errors import DigestMismatchError, DowngradeError, ManifestError, SignatureError
+
+SIGNATURE_FORMAT = "edgepack-signature/1"
+
+
+@dataclass(frozen=True)
+class Signature:
+    key_id: str
+    sig: bytes
+
+
+def sign_manifest(manifest_bytes: bytes, key: SigningKey) -> bytes:
+    """The ``manifest.sig`` bytes for ``manifest_bytes`` signed by ``key`` (producer side)."""
+    doc = {
+        "format": SIGNATURE_FORMAT,
+        "signatures": [{"key_id": key.key_id, "sig": key.sign(manifest_bytes).hex()}],
+    }
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def parse_signatures(data: bytes) -> list[Signature]:
+    """Parse a ``manifest.sig`` envelope.
+
+    Raises:
+        SignatureError: missing, too large or malformed.
+    """
+    if not data:
+        raise SignatureError("the bundle has no signature")
+    if len(data) > MAX_SIGNATURE_BYTES:
+        raise SignatureError(f"signature file is {len(data)} bytes (limit {MAX_SIGNATURE_BYTES})")
+    try:
+        doc: Any = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SignatureError(f"signature file is not valid JSON: {e}") from e
+    if not isinstance(doc, dict) or doc.get("format") != SIGNATURE_FORMAT:
+        raise SignatureError(f"signature file is not {SIGNATURE_FORMAT!r}")
+    entries = doc.get("signatures")
+    if not isinstance(entries, list) or not entries:
+        raise SignatureError("signature file lists no signatures")
+    out = []
+    for e in entries:
+        if not isinstance(e, dict) or not isinstance(e.get("key_id"), str):
+            raise SignatureError("malformed signature entry")
+        try:
+            sig = bytes.fromhex(str(e.get("sig", "")))
+        except ValueError as err:
+            raise SignatureError("signature is not hex") from err
+        out.append(Signature(e["key_id"], sig))
+    return out
+
+
+def verify_manifest(
+    manifest_bytes: bytes,
+    signature_bytes: bytes,
+    keyring: Keyring,
+    installed_version: int | None = None,
+    installed_digest: str | None = None,
+    offered_digest: str | None = None,
+) -> Manifest:
+    """Verify a manifest's signature, then parse it and refuse downgrades.
+
+    Args:
+        manifest_bytes: the exact ``manifest.json`` bytes from the bundle.
+        signature_bytes: the ``manifest.sig`` bytes from the bundle.
+        keyring: the keys this device trusts.
+        installed_version: highest version of this model ever committed here (None: none).
+        installed_digest: manifest digest of that highest version, to tell a reinstall of the
+            same bundle (allowed) from a different bundle reusing the version (refused).
+        offered_digest: manifest digest of the offered bundle.
+
+    Returns:
+        The parsed, trusted manifest.
+
+    Raises:
+        SignatureError: no signature by a trusted key verifies over the manifest bytes.
+        ManifestError: the signed manifest is malformed or names another signer.
+        DowngradeError: the version is older than (or reuses) the installed one.
+    """
+    if len(manifest_bytes) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"manifest is {len(manifest_bytes)} bytes (limit {MAX_MANIFEST_BYTES})")
+    signatures = parse_signatures(signature_bytes)
+    if len(keyring) == 0:
+        raise SignatureError("the device keyring is empty: no bundle can be trusted",
+                             hint="Give the agent a keyring with --keyring FILE.")
+    signer = None
+    for s in signatures:
+        key = keyring.get(s.key_id)
+        if key is not None and key.verify(s.sig, manifest_bytes):
+            signer = key
+            break
+    if signer is None:
+        known = [s.key_id[:16] for s in signatures if s.key_id in keyring]
+        if known:
+            raise SignatureError(
+                f"the signature by trusted key {known[0]} does not match the manifest bytes "
+                "(the manifest was modified after signing, or the signature is corrupt)"
+            )
+        raise SignatureError(
+            "the bundle is signed by an untrusted key "
+            f"({', '.join(s.key_id[:16] for s in signatures)}); trusted: "
+            f"{', '.join(k.key_id[:16] for k in keyring.keys())}"  # noqa: SIM118  (Keyring is not a dict)
+        )
+    manifest = Manifest.from_bytes(manifest_bytes)
+    if manifest.signer_key_id and manifest.signer_key_id != signer.key_id:
+        raise ManifestError(
+            f"manifest names signer {manifest.signer_key_id[:16]} but was signed by "
+            f"{signer.key_id[:16]}"
+        )
+    check_version(manifest, installed_version, installed_digest, offered_digest)
+    return manifest
+
+
+def check_version(
+    manifest: Manifest,
+    installed_version: int | None,
+    installed_digest: str | None = None,
+    offered_digest: str | None = None,
+) -> None:
+    """Refuse an older version (downgrade / replay) or a different bundle reusing the version.
+
+    Raises:
+        DowngradeError: with the offered and installed versions.
+    """
+    if installed_version is None:
+        return
+    if manifest.version < installed_version:
+        raise DowngradeError(
+            f"bundle {manifest.model_name} v{manifest.version} is older than v{installed_version} "
+            "already installed (downgrade or replay refused)",
+            offered=manifest.version,
+            installed=installed_version,
+        )
+    if (
+        manifest.version == installed_version
+        and installed_digest is not None
+        and offered_digest is not None
+        and installed_digest != offered_digest
+    ):
+        raise DowngradeError(
+            f"bundle {manifest.model_name} v{manifest.version} differs from the installed bundle "
+            "with the same version (a version is never reused)",
+            offered=manifest.version,
+            installed=installed_version,
+        )
+
+
+def check_file(entry: FileEntry, size: int, sha256_hex: str) -> None:
+    """Check one payload file's measured length and sha256 against its manifest entry.
+
+    Raises:
+        DigestMismatchError: the length or the hash differs.
+    """
+    if size != entry.size:
+        raise DigestMismatchError(
+            f"{entry.path}: {size} bytes, manifest says {entry.size}",
+            path=entry.path, expected=str(entry.size), actual=str(size),
+        )
+    if sha256_hex != entry.sha256:
+        raise DigestMismatchError(
+            f"{entry.path}: sha256 {sha256_hex[:16]}… does not match the manifest's "
+            f"{entry.sha256[:16]}… (corrupted or tampered)",
+            path=entry.path, expected=entry.sha256, actual=sha256_hex,
+        )

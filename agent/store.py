@@ -1,0 +1,392 @@
+"""The device's on-disk store: verified install with A/B pointers, rollback, and recovery.
+
+Layout under ``state_dir``::
+
+    slots/<id>/manifest.json, manifest.sig, payload/...   one folder per installed bundle
+    pointers.json      {"current": id, "previous": id, "pending": bool}  switched atomically
+    versions.json      {model_name: {"version": n, "digest": d}}  highest committed per model
+    staging/           partial downloads/extractions; wiped on start
+    lock               flock: one install/rollback at a time
+
+Install, in order: (1) read + verify the signed manifest before any payload, refusing downgrades,
+(2) check arch, RAM and free disk, (3) stream the payload into staging while hashing, (4) fsync and
+rename staging to its slot, (5) switch ``current``/``previous`` in one atomic write marked pending,
+(6) run the load check, (7) commit (clear pending, record the version) or switch back. A kill at
+any point leaves the old or the new model whole: on the next start a pending switch is undone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from agent._fs import atomic_write, fsync_dir, fsync_tree
+from agent.bundle import (
+    MANIFEST_NAME,
+    SIGNATURE_NAME,
+    BundleReader,
+    Keyring,
+    Manifest,
+    verify_manifest,
+)
+from agent.errors import InstallError, InsufficientResourcesError, StoreError
+from agent.profiles.schema import normalize_arch
+
+log = logging.getLogger("agent.store")
+
+DISK_MARGIN_BYTES = 64 << 20  # keep this much free beyond the payload: logs and state must still fit
+EventSink = Callable[[str, dict[str, Any]], None]
+LoadCheck = Callable[["InstalledBundle"], dict[str, Any] | None]
+
+
+@dataclass(frozen=True)
+class InstalledBundle:
+    """A bundle in a slot: its verified manifest and where its payload lives."""
+
+    slot: str
+    digest: str  # sha256 hex of the exact manifest bytes
+    manifest: Manifest
+    path: Path  # the slot folder
+
+    @property
+    def payload_dir(self) -> Path:
+        return self.path / "payload"
+
+    @property
+    def entrypoint(self) -> Path:
+        return self.payload_dir / (self.manifest.target.entrypoint or self.manifest.files[0].path)
+
+    def summary(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "slot": self.slot, "digest": self.digest, "model": m.model_name, "version": m.version,
+            "profile": m.profile, "runtime": m.target.runtime, "format": m.target.format,
+            "precision": m.target.precision, "quant": m.target.quant,
+            "size_bytes": m.payload_bytes, "quality": m.quality,
+        }
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    bundle: InstalledBundle
+    previous: InstalledBundle | None
+    already_installed: bool = False
+    check: dict[str, Any] | None = None
+
+
+def _default_ram() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+class Store:
+    """The device's bundle store.
+
+    Args:
+        state_dir: the agent's state folder (created if missing).
+        keyring: keys whose signatures are trusted.
+        arch: this device's architecture (default: this machine's).
+        ram_total: returns total RAM in bytes (injected for tests).
+        disk_free: returns free bytes at a path (injected for tests).
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        keyring: Keyring,
+        *,
+        arch: str | None = None,
+        ram_total: Callable[[], int] = _default_ram,
+        disk_free: Callable[[Path], int] = lambda p: shutil.disk_usage(p).free,
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.keyring = keyring
+        self.arch = normalize_arch(arch or platform.machine())
+        self._ram_total = ram_total
+        self._disk_free = disk_free
+        self.slots_dir = self.state_dir / "slots"
+        self.staging_dir = self.state_dir / "staging"
+        self._pointers = self.state_dir / "pointers.json"
+        self._versions = self.state_dir / "versions.json"
+        for d in (self.state_dir, self.slots_dir, self.staging_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.recovered: str | None = None
+        with self._locked():
+            self._recover()
+
+    # --- state files -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as e:
+                raise StoreError(f"another install or rollback is running on {self.state_dir}",
+                                 hint="Wait for it to finish.") from e
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def _read_json(self, path: Path) -> dict[str, Any]:
+        try:
+            data = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except (OSError, json.JSONDecodeError) as e:
+            raise StoreError(f"state file {path} is unreadable: {e}",
+                             hint="It is written atomically; was it edited by hand?") from e
+        return data if isinstance(data, dict) else {}
+
+    def _pointers_get(self) -> dict[str, Any]:
+        return self._read_json(self._pointers)
+
+    def _pointers_set(self, current: str | None, previous: str | None, pending: bool) -> None:
+        doc = {"current": current, "previous": previous, "pending": pending}
+        atomic_write(self._pointers, json.dumps(doc, sort_keys=True).encode())
+
+    def _recover(self) -> None:
+        # (a) partial extractions never became slots: drop them.
+        for leftover in self.staging_dir.iterdir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        # (b) a switch that was not committed (killed during the load check): undo it.
+        p = self._pointers_get()
+        if p.get("pending"):
+            failed = p.get("current")
+            prev = p.get("previous")
+            # The failed slot recorded what "previous" was before it was switched in.
+            prev_of_prev = (
+                self._read_json(self._slot_dir(failed) / "previous.json").get("previous")
+                if failed and self._slot_dir(failed).is_dir() else None
+            )
+            self._pointers_set(prev, prev_of_prev, False)
+            self.recovered = f"an interrupted install of slot {failed} was undone; serving {prev}"
+            log.warning(self.recovered)
+            if failed and failed != prev:
+                shutil.rmtree(self._slot_dir(failed), ignore_errors=True)
+
+    def _slot_dir(self, slot: str) -> Path:
+        if not slot or "/" in slot or slot.startswith("."):
+            raise StoreError(f"bad slot id {slot!r}")
+        return self.slots_dir / slot
+
+    def _load_slot(self, slot: str) -> InstalledBundle:
+        d = self._slot_dir(slot)
+        try:
+            mb = (d / MANIFEST_NAME).read_bytes()
+        except OSError as e:
+            raise StoreError(f"slot {slot} is missing or damaged: {e}") from e
+        # The slot's manifest was verified at install; it is read back from our own state.
+        return InstalledBundle(slot, hashlib.sha256(mb).hexdigest(), Manifest.from_bytes(mb), d)
+
+    # --- queries -------------------------------------------------------------------------------
+
+    def current(self) -> InstalledBundle | None:
+        """The bundle that serves now, or None."""
+        cur = self._pointers_get().get("current")
+        return self._load_slot(cur) if cur else None
+
+    def previous(self) -> InstalledBundle | None:
+        prev = self._pointers_get().get("previous")
+        return self._load_slot(prev) if prev else None
+
+    def list(self) -> list[tuple[InstalledBundle, str]]:
+        """Every installed bundle with its role: "current", "previous" or "" (kept, unused)."""
+        p = self._pointers_get()
+        out = []
+        for d in sorted(self.slots_dir.iterdir()):
+            if not d.is_dir():
+                continue
+            role = "current" if d.name == p.get("current") else \
+                "previous" if d.name == p.get("previous") else ""
+            out.append((self._load_slot(d.name), role))
+        return out
+
+    def high_water(self, model_name: str) -> tuple[int | None, str | None]:
+        v = self._read_json(self._versions).get(model_name)
+        if not isinstance(v, dict):
+            return None, None
+        return int(v["version"]), str(v["digest"])
+
+    # --- install -------------------------------------------------------------------------------
+
+    def install(
+        self,
+        source: Path | IO[bytes],
+        *,
+        load_check: LoadCheck | None = None,
+        on_event: EventSink | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> InstallResult:
+        """Verify and install a bundle, then make it current (or keep the old one).
+
+        Args:
+            source: the bundle file, or a readable binary stream of it.
+            load_check: loads the new bundle and returns measured figures; raising rolls back.
+            on_event: receives ("verified" | "staged" | "switched" | "committed" |
+                "rolled_back", details) as the install progresses.
+            progress: called with byte counts while the payload is written.
+
+        Returns:
+            What was installed and what it replaced.
+
+        Raises:
+            UntrustedDataError: signature, manifest, archive, digest or downgrade refused.
+            InsufficientResourcesError: not enough disk or RAM (checked before writing).
+            InstallError: the load check failed; ``rolled_back`` is True and the old bundle serves.
+            StoreError: another install runs, or the state is unreadable.
+        """
+        emit = on_event or (lambda _e, _d: None)
+        with self._locked(), contextlib.ExitStack() as stack:
+            if isinstance(source, (str, Path)):
+                try:
+                    stream: IO[bytes] = stack.enter_context(open(source, "rb"))
+                except OSError as e:
+                    raise InstallError(f"cannot read bundle {source}: {e}", step="read") from e
+            else:
+                stream = source
+            reader = BundleReader(stream)
+            # (1) verify the signed manifest before reading any payload.
+            manifest_bytes, sig_bytes = reader.read_header()
+            digest = hashlib.sha256(manifest_bytes).hexdigest()
+            # The high-water mark is keyed by model name, which we only know after parsing;
+            # verify once without it (signature first), then apply the version rule.
+            manifest = verify_manifest(manifest_bytes, sig_bytes, self.keyring)
+            hw_version, hw_digest = self.high_water(manifest.model_name)
+            verify_manifest(manifest_bytes, sig_bytes, self.keyring, hw_version, hw_digest, digest)
+            slot = digest[:16]
+            emit("verified", {"model": manifest.model_name, "version": manifest.version,
+                              "digest": digest, "signer": manifest.signer_key_id})
+            pointers = self._pointers_get()
+            old_current = pointers.get("current")
+            if old_current == slot:
+                log.info("bundle %s is already current", slot)
+                return InstallResult(self._load_slot(slot), self.previous(), already_installed=True)
+            # (2) resources before writing anything.
+            self._check_requirements(manifest)
+            # (3) stream into staging while hashing; (4) fsync and move into place.
+            if not self._slot_dir(slot).is_dir():
+                staging = Path(tempfile.mkdtemp(prefix=f"{slot}.", dir=self.staging_dir))
+                try:
+                    reader.extract_payload(manifest, staging / "payload", progress)
+                    atomic_write(staging / MANIFEST_NAME, manifest_bytes)
+                    atomic_write(staging / SIGNATURE_NAME, sig_bytes)
+                    fsync_tree(staging)
+                    os.replace(staging, self._slot_dir(slot))
+                    fsync_dir(self.slots_dir)
+                except BaseException as e:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    if isinstance(e, OSError):
+                        raise InstallError(f"writing the bundle failed: {e}", step="stage",
+                                           hint="Nothing was changed; check free disk space.") from e
+                    raise
+            emit("staged", {"slot": slot, "bytes": manifest.payload_bytes})
+            new = self._load_slot(slot)
+            # Remember what this slot replaced so an undo after a crash can restore both pointers.
+            atomic_write(new.path / "previous.json",
+                         json.dumps({"previous": pointers.get("previous")}).encode())
+            # (5) switch, marked pending until the load check passes.
+            self._pointers_set(slot, old_current, pending=True)
+            emit("switched", {"slot": slot, "previous": old_current})
+            # (6) load check; (7) commit or switch back.
+            figures: dict[str, Any] | None = None
+            if load_check is not None:
+                try:
+                    figures = load_check(new)
+                except Exception as e:  # any failure to serve the new bundle means roll back
+                    self._pointers_set(old_current, pointers.get("previous"), pending=False)
+                    shutil.rmtree(new.path, ignore_errors=True)
+                    reason = str(e)
+                    emit("rolled_back", {"slot": slot, "reason": reason, "serving": old_current})
+                    raise InstallError(
+                        f"the new bundle failed its load check and was rolled back: {reason}",
+                        rolled_back=True, step="load_check",
+                        hint="The previous model is still installed and serving.",
+                    ) from e
+            self._pointers_set(slot, old_current, pending=False)
+            versions = self._read_json(self._versions)
+            hw = versions.get(manifest.model_name)
+            if not isinstance(hw, dict) or manifest.version >= int(hw.get("version", -1)):
+                versions[manifest.model_name] = {"version": manifest.version, "digest": digest}
+                atomic_write(self._versions, json.dumps(versions, sort_keys=True).encode())
+            self._gc({slot, old_current})
+            emit("committed", {"slot": slot, "version": manifest.version, "check": figures})
+            prev = self._load_slot(old_current) if old_current else None
+            return InstallResult(new, prev, check=figures)
+
+    def _check_requirements(self, m: Manifest) -> None:
+        req = m.requirements
+        if req.arch and self.arch not in {normalize_arch(a) for a in req.arch}:
+            raise InstallError(
+                f"bundle is for {', '.join(req.arch)}; this device is {self.arch}", step="check",
+                hint="Build for this device's profile (edgepack-agent probe shows it).",
+            )
+        ram = self._ram_total()
+        if req.min_ram_bytes and ram < req.min_ram_bytes:
+            raise InsufficientResourcesError(
+                f"bundle needs {req.min_ram_bytes / 2**30:.2f} GiB RAM; device has "
+                f"{ram / 2**30:.2f} GiB", needed=req.min_ram_bytes, available=ram, resource="ram",
+            )
+        need = max(m.payload_bytes, req.min_disk_bytes) + DISK_MARGIN_BYTES
+        free = self._disk_free(self.state_dir)
+        if free < need:
+            raise InsufficientResourcesError(
+                f"bundle needs {need / 2**20:.0f} MiB free disk in {self.state_dir}; "
+                f"{free / 2**20:.0f} MiB free", needed=need, available=free, resource="disk",
+            )
+
+    def _gc(self, keep: set[str | None]) -> None:
+        # Keep current and previous only: edge disks are small, and rollback is one step.
+        for d in self.slots_dir.iterdir():
+            if d.is_dir() and d.name not in keep:
+                shutil.rmtree(d, ignore_errors=True)
+
+    # --- rollback / remove -----------------------------------------------------------------------
+
+    def rollback(self) -> InstalledBundle:
+        """Make the previous bundle current again (a local, explicit operation).
+
+        Raises:
+            StoreError: there is no previous bundle.
+        """
+        with self._locked():
+            p = self._pointers_get()
+            prev, cur = p.get("previous"), p.get("current")
+            if not prev or not self._slot_dir(prev).is_dir():
+                raise StoreError("there is no previous bundle to roll back to")
+            self._pointers_set(prev, cur, pending=False)
+            return self._load_slot(prev)
+
+    def remove(self, slot: str) -> None:
+        """Delete an installed bundle that is not current.
+
+        Raises:
+            StoreError: unknown slot, or it is the current one.
+        """
+        with self._locked():
+            p = self._pointers_get()
+            matches = [d.name for d in self.slots_dir.iterdir() if d.name.startswith(slot)]
+            if len(matches) != 1:
+                raise StoreError(f"no single installed bundle matches {slot!r}")
+            name = matches[0]
+            if name == p.get("current"):
+                raise StoreError(f"{name} is the current bundle; install or roll back first")
+            if name == p.get("previous"):
+                self._pointers_set(p.get("current"), None, pending=False)
+            shutil.rmtree(self._slot_dir(name))
+
+
+__all__ = ["InstallResult", "InstalledBundle", "Store"]
