@@ -96,7 +96,7 @@ class BundleReader:
     def extract_payload(
         self,
         manifest: Manifest,
-        dest: Path,
+        dest: Path | None,
         progress: Callable[[int], None] | None = None,
     ) -> None:
         """Stream every payload member into ``dest`` while checking it against ``manifest``.
@@ -104,6 +104,7 @@ class BundleReader:
         Args:
             manifest: the VERIFIED manifest.
             dest: an empty staging folder; files are created exclusively, never followed links.
+                None checks the payload without writing it (``edgepack bundle verify``).
             progress: called with the number of bytes just written.
 
         Raises:
@@ -133,24 +134,30 @@ class BundleReader:
                 check_file(entry, m.size, "")  # raises DigestMismatchError naming the sizes
             src = self._tar.extractfile(m)
             assert src is not None
-            target = dest / m.name
-            target.parent.mkdir(parents=True, exist_ok=True)
+            out = None
+            if dest is not None:
+                target = dest / m.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+                out = os.fdopen(fd, "wb")
             h = hashlib.sha256()
             written = 0
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-            with os.fdopen(fd, "wb") as out:
-                try:
-                    while chunk := src.read(CHUNK):
-                        h.update(chunk)
+            try:
+                while chunk := src.read(CHUNK):
+                    h.update(chunk)
+                    if out is not None:
                         out.write(chunk)
-                        written += len(chunk)
-                        if progress:
-                            progress(len(chunk))
-                except (tarfile.TarError, EOFError) as e:
-                    raise BundleFormatError(f"member {m.name!r} is truncated: {e}",
-                                            member=m.name) from e
-                out.flush()
-                os.fsync(out.fileno())
+                    written += len(chunk)
+                    if progress:
+                        progress(len(chunk))
+                if out is not None:
+                    out.flush()
+                    os.fsync(out.fileno())
+            except (tarfile.TarError, EOFError) as e:
+                raise BundleFormatError(f"member {m.name!r} is truncated: {e}", member=m.name) from e
+            finally:
+                if out is not None:
+                    out.close()
             check_file(entry, written, h.hexdigest())
         missing = sorted(set(expected) - seen)
         if missing:

@@ -149,15 +149,15 @@ class Keyring:
         if not isinstance(entries, list):
             raise KeyringError("keyring.keys must be a list")
         keys = []
-        for e in entries:
-            if not isinstance(e, dict) or e.get("algorithm") != "ed25519":
+        for item in entries:
+            if not isinstance(item, dict) or item.get("algorithm") != "ed25519":
                 raise KeyringError("keyring entries must be ed25519 keys")
             try:
-                raw = bytes.fromhex(str(e.get("public", "")))
+                raw = bytes.fromhex(str(item.get("public", "")))
             except ValueError as err:
                 raise KeyringError("keyring public key is not hex") from err
-            k = PublicKey(raw, str(e.get("name", "")))
-            if e.get("key_id") != k.key_id:
-                raise KeyringError(f"keyring entry {e.get('key_id')!r} does not match its key")
+            k = PublicKey(raw, str(item.get("name", "")))
+            if item.get("key_id") != k.key_id:
+                raise KeyringError(f"keyring entry {item.get('key_id')!r} does not match its key")
             keys.append(k)
         return cls(keys)

@@ -54,14 +54,14 @@ def parse_signatures(data: bytes) -> list[Signature]:
     if not isinstance(entries, list) or not entries:
         raise SignatureError("signature file lists no signatures")
     out = []
-    for e in entries:
-        if not isinstance(e, dict) or not isinstance(e.get("key_id"), str):
+    for item in entries:
+        if not isinstance(item, dict) or not isinstance(item.get("key_id"), str):
             raise SignatureError("malformed signature entry")
         try:
-            sig = bytes.fromhex(str(e.get("sig", "")))
+            sig = bytes.fromhex(str(item.get("sig", "")))
         except ValueError as err:
             raise SignatureError("signature is not hex") from err
-        out.append(Signature(e["key_id"], sig))
+        out.append(Signature(item["key_id"], sig))
     return out
 
 

@@ -163,18 +163,17 @@ class DeviceProfile:
             t = _take(data, "target", set(BuildTarget.__dataclass_fields__))
             b = _take(data, "budget", set(QualityBudget.__dataclass_fields__))
             s = _take(data, "slo", set(Slo.__dataclass_fields__))
-            match = MatchRules(
-                **{
-                    k: (
-                        tuple(normalize_arch(a) or "" for a in _str_list(v, f"match.{k}"))
-                        if k == "arch"
-                        else _str_list(v, f"match.{k}")
-                        if isinstance(MatchRules.__dataclass_fields__[k].default, tuple)
-                        else float(v)
-                    )
-                    for k, v in m.items()
-                }
-            )
+            match_kw: dict[str, Any] = {
+                k: (
+                    tuple(normalize_arch(a) or "" for a in _str_list(v, f"match.{k}"))
+                    if k == "arch"
+                    else _str_list(v, f"match.{k}")
+                    if isinstance(MatchRules.__dataclass_fields__[k].default, tuple)
+                    else float(v)
+                )
+                for k, v in m.items()
+            }
+            match = MatchRules(**match_kw)
             for kind in (*match.accelerators_all, *match.accelerators_none):
                 if kind not in ACCELERATORS:
                     raise ProfileError(f"accelerator kind {kind!r} is not one of {ACCELERATORS}")

@@ -1,0 +1,361 @@
+"""``edgepack-agent``: the device CLI (probe, install, rollback, list, remove, status, infer).
+
+Human status goes to stderr, machine output (``--json``) to stdout. Every flag has an environment
+default (EDGEPACK_*) so a systemd unit can configure the agent with an env file. Only
+:class:`~agent.errors.EdgepackError` is caught: it is printed with its hint and the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.errors import EdgepackError, KeyringError, StoreError
+
+log = logging.getLogger("agent")
+
+
+def default_state_dir() -> Path:
+    """/var/lib/edgepack-agent for root (systemd StateDirectory), else the XDG state folder."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/edgepack-agent")
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "edgepack-agent"
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"EDGEPACK_{name}", default)
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def load_keyring(paths: Sequence[Path]):  # -> Keyring (import kept lazy for start-up time)
+    """Merge the keyring files (each is a JSON keyring, e.g. a ``*.pub.json`` from keys generate).
+
+    Raises:
+        KeyringError: a file is missing or malformed.
+    """
+    from agent.bundle import Keyring
+
+    ring = Keyring()
+    for p in paths:
+        try:
+            ring = ring.merged(Keyring.from_bytes(Path(p).read_bytes()))
+        except OSError as e:
+            raise KeyringError(f"cannot read keyring {p}: {e}",
+                               hint="Pass --keyring FILE (or set EDGEPACK_KEYRING).") from e
+    return ring
+
+
+def _keyring_paths(args: argparse.Namespace) -> list[Path]:
+    if args.keyring:
+        return [Path(p) for p in args.keyring]
+    default = Path(args.state_dir) / "keyring.json"
+    return [default] if default.exists() else []
+
+
+def open_store(args: argparse.Namespace, *, need_keys: bool = False):  # -> Store
+    from agent.store import Store
+
+    paths = _keyring_paths(args)
+    if need_keys and not paths:
+        raise KeyringError(
+            "no trusted keyring: nothing can be installed",
+            hint=f"Pass --keyring FILE or put one at {Path(args.state_dir) / 'keyring.json'}.",
+        )
+    store = Store(Path(args.state_dir), load_keyring(paths))
+    if store.recovered:
+        _err(f"recovered: {store.recovered}")
+    return store
+
+
+# --- probe -------------------------------------------------------------------------------------
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from agent.probe import probe
+    from agent.profiles import load_profiles, match_profile
+
+    facts = probe(runtimes=args.runtimes, disk_path=Path(args.state_dir).parent
+                  if not Path(args.state_dir).exists() else Path(args.state_dir))
+    result = match_profile(facts, load_profiles())
+    facts["profile"] = result.best
+    facts["profile_match"] = result.to_dict()
+    if args.json:
+        print(json.dumps(facts, indent=2, sort_keys=True))
+        return 0
+    gib = 2**30
+    ram = facts.get("ram_bytes")
+    print(f"os/arch:     {facts.get('os')} / {facts.get('arch')}")
+    print(f"cpu:         {facts.get('cpu_model')} ({facts.get('cores_physical')} cores, "
+          f"{facts.get('cores_logical')} threads)")
+    print(f"ram:         {ram / gib:.1f} GiB" if ram else "ram:         unknown")
+    accel = ", ".join(f"{a['kind']} ({a['name']})" for a in facts.get("accelerators") or []) or "none"
+    print(f"accelerators: {accel}")
+    for name, rt in (facts.get("runtimes") or {}).items():
+        state = f"installed {rt.get('version')}" if rt.get("installed") else "not installed"
+        print(f"runtime {name:9s} {state}")
+    print(f"profile:     {result.best or 'none matched'}")
+    for line in result.explain():
+        print(f"  {line}")
+    return 0
+
+
+# --- store ---------------------------------------------------------------------------------------
+
+
+def _runtime_for(bundle, threads: int | None = None):  # -> (Runtime, LoadOptions)
+    from agent.runtimes import LoadOptions, get_runtime
+
+    gen = bundle.manifest.generation
+    rt_cls = get_runtime(bundle.manifest.target.runtime)
+    rt_cls.check()
+    opts = LoadOptions(
+        context=int(gen.get("context", 2048)),
+        threads=int(threads if threads is not None else gen.get("threads", 0)),
+        chat_template=gen.get("chat_template") or None,
+        device=bundle.manifest.target.device if bundle.manifest.target.device != "cpu" else "cpu",
+    )
+    return rt_cls(), opts
+
+
+def load_check(bundle) -> dict[str, Any]:
+    """Load the freshly switched bundle and generate a few tokens; raising rolls the install back."""
+    from agent.runtimes import GenerationParams
+
+    rt, opts = _runtime_for(bundle)
+    t0 = time.perf_counter()
+    try:
+        rt.load(bundle.entrypoint, opts)
+        load_ms = (time.perf_counter() - t0) * 1000
+        usage = None
+        text = ""
+        for chunk in rt.stream("Hello", GenerationParams(max_tokens=4, temperature=0.0)):
+            text += chunk.text
+            if chunk.done:
+                usage = chunk.usage
+    finally:
+        rt.close()
+    if usage is None or usage.completion_tokens == 0:
+        raise StoreError("the model loaded but generated no tokens")
+    return {"load_ms": round(load_ms, 1), "ttft_ms": round(usage.ttft_ms, 1)}
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    store = open_store(args, need_keys=True)
+    total = 0
+    last = [0.0]
+
+    def progress(n: int) -> None:
+        nonlocal total
+        total += n
+        now = time.monotonic()
+        if not args.json and now - last[0] > 0.5:
+            last[0] = now
+            print(f"\r  staged {total / 2**20:8.1f} MiB", end="", file=sys.stderr, flush=True)
+
+    def event(name: str, data: dict[str, Any]) -> None:
+        if not args.json:
+            if total:
+                print(file=sys.stderr)
+            _err(f"{name}: " + ", ".join(f"{k}={v}" for k, v in data.items() if v is not None))
+
+    res = store.install(Path(args.bundle), load_check=None if args.no_load_check else load_check,
+                        on_event=event, progress=progress)
+    out = {"installed": res.bundle.summary(), "previous": res.previous.summary() if res.previous else None,
+           "already_installed": res.already_installed, "check": res.check}
+    if args.json:
+        print(json.dumps(out, indent=2, sort_keys=True))
+    else:
+        b = res.bundle.manifest
+        note = " (already current)" if res.already_installed else ""
+        _err(f"current: {b.model_name} v{b.version} {b.target.runtime}/{b.target.quant or b.target.precision} "
+             f"[{res.bundle.slot}]{note}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    b = store.rollback()
+    if args.json:
+        print(json.dumps(b.summary(), indent=2, sort_keys=True))
+    else:
+        _err(f"rolled back: current is {b.manifest.model_name} v{b.manifest.version} [{b.slot}]")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    items = [{**b.summary(), "role": role} for b, role in store.list()]
+    if args.json:
+        print(json.dumps(items, indent=2, sort_keys=True))
+        return 0
+    if not items:
+        _err("no bundles installed")
+    for i in items:
+        print(f"{i['role'] or '-':9s} {i['slot']}  {i['model']} v{i['version']}  {i['profile']}  "
+              f"{i['runtime']}/{i['quant'] or i['precision']}  {i['size_bytes'] / 2**20:.0f} MiB")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    open_store(args).remove(args.slot)
+    _err(f"removed {args.slot}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    cur, prev = store.current(), store.previous()
+    out = {"agent_version": __version__, "state_dir": str(store.state_dir),
+           "current": cur.summary() if cur else None, "previous": prev.summary() if prev else None,
+           "trusted_keys": [k.key_id for k in store.keyring.keys()], "recovered": store.recovered}
+    if args.json:
+        print(json.dumps(out, indent=2, sort_keys=True))
+    else:
+        for k in ("current", "previous"):
+            b = out[k]
+            print(f"{k:9s} " + (f"{b['model']} v{b['version']} {b['runtime']}/{b['quant'] or b['precision']} "
+                                f"[{b['slot']}]" if b else "none"))
+        print(f"keys      {len(out['trusted_keys'])} trusted")
+    return 0
+
+
+# --- infer ---------------------------------------------------------------------------------------
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from agent.runtimes import GenerationParams
+
+    store = open_store(args)
+    bundle = store.current()
+    if bundle is None:
+        raise StoreError("no bundle is installed", hint="edgepack-agent install BUNDLE first.")
+    params = GenerationParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, repeat_penalty=args.repeat_penalty, stop=tuple(args.stop or ()),
+        seed=args.seed,
+    )
+    rt, opts = _runtime_for(bundle, args.threads)
+    chat = args.chat
+    with rt:
+        rt.load(bundle.entrypoint, opts)
+        usage = None
+        for chunk in rt.stream(args.prompt, params, chat=chat):
+            if chunk.text:
+                if args.json:
+                    print(json.dumps({"text": chunk.text}), flush=True)
+                else:
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+            if chunk.done:
+                usage = chunk.usage
+    if args.json:
+        print(json.dumps({"done": True, "usage": usage.__dict__ if usage else None}), flush=True)
+    else:
+        print()
+        if usage:
+            _err(f"[{usage.completion_tokens} tokens, TTFT {usage.ttft_ms:.0f} ms, "
+                 f"{usage.decode_tok_s:.1f} tok/s, {usage.finish_reason}]")
+    return 0
+
+
+# --- parser ----------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgepack-agent", description="edgepack device agent")
+    p.add_argument("--version", action="version", version=f"edgepack-agent {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    p.add_argument("--state-dir", default=_env("STATE_DIR", str(default_state_dir())),
+                   help="agent state folder [EDGEPACK_STATE_DIR]")
+    p.add_argument("--keyring", action="append",
+                   default=[k for k in (_env("KEYRING") or "").split(":") if k] or None,
+                   help="trusted keyring file, repeatable [EDGEPACK_KEYRING, ':'-separated; "
+                        "default STATE_DIR/keyring.json]")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("probe", help="report hardware facts and the matched profile")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--runtimes", action="store_true", help="also import runtimes to list their devices")
+    s.set_defaults(func=cmd_probe)
+
+    s = sub.add_parser("install", help="verify and install a bundle file")
+    s.add_argument("bundle")
+    s.add_argument("--no-load-check", action="store_true",
+                   help="switch without loading the model first (not recommended)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_install)
+
+    s = sub.add_parser("rollback", help="make the previous bundle current again")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_rollback)
+
+    s = sub.add_parser("list", help="list installed bundles")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("remove", help="delete an installed bundle that is not current")
+    s.add_argument("slot", help="slot id (a unique prefix is enough)")
+    s.set_defaults(func=cmd_remove)
+
+    s = sub.add_parser("status", help="current and previous bundle, trusted keys")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("infer", help="stream a completion from the installed model")
+    s.add_argument("prompt")
+    s.add_argument("--chat", action="store_true", help="use the model's chat template")
+    s.add_argument("--max-tokens", type=int, default=128)
+    s.add_argument("--temperature", type=float, default=0.7)
+    s.add_argument("--top-p", type=float, default=0.95)
+    s.add_argument("--top-k", type=int, default=40)
+    s.add_argument("--repeat-penalty", type=float, default=1.15,
+                   help="base models need one to stay coherent (default 1.15)")
+    s.add_argument("--stop", action="append", help="stop string, repeatable")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--threads", type=int, help="override the profile's thread count")
+    s.add_argument("--json", action="store_true", help="one JSON object per chunk on stdout")
+    s.set_defaults(func=cmd_infer)
+    return p
+
+
+def setup_logging(verbosity: int) -> None:
+    level = logging.WARNING - 10 * min(verbosity, 2)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    for name in ("agent", "packager", "fleet"):
+        lg = logging.getLogger(name)
+        lg.setLevel(level)
+        if not lg.handlers:
+            lg.addHandler(handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the agent CLI; returns the exit code (0 ok, 1 edgepack error, 2 usage)."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return int(args.func(args))
+    except EdgepackError as e:
+        _err(f"error: {e}")
+        if e.diagnostics():
+            _err(f"hint: {e.diagnostics()}")
+        return 1
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
