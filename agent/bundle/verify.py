@@ -114,7 +114,7 @@ def verify_manifest(
         raise SignatureError(
             "the bundle is signed by an untrusted key "
             f"({', '.join(s.key_id[:16] for s in signatures)}); trusted: "
-            f"{', '.join(k.key_id[:16] for k in keyring.keys())}"  # noqa: SIM118  (Keyring is not a dict)
+            f"{', '.join(k.key_id[:16] for k in keyring.public_keys())}"
         )
     manifest = Manifest.from_bytes(manifest_bytes)
     if manifest.signer_key_id and manifest.signer_key_id != signer.key_id:

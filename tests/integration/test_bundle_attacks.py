@@ -12,6 +12,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from bundlekit import make_manifest, raw_tar, read_members, reg
 
 from agent.bundle import FileEntry, Keyring, SigningKey, sign_manifest
 from agent.errors import (
@@ -25,7 +26,6 @@ from agent.errors import (
     UntrustedDataError,
 )
 from agent.store import Store
-from bundlekit import make_manifest, raw_tar, read_members, reg
 
 pytestmark = pytest.mark.integration
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from bundlekit import make_manifest
 
 from agent.bundle import (
     FileEntry,
@@ -17,7 +18,6 @@ from agent.bundle import (
     verify_manifest,
 )
 from agent.errors import DowngradeError, KeyringError, ManifestError, SignatureError
-from bundlekit import make_manifest
 
 SHA = "a" * 64
 
@@ -60,7 +60,8 @@ def test_other_major_format_is_refused(signing_key):
         (lambda d: d["files"][0].update(sha256="XYZ"), "sha256"),
         (lambda d: d["files"][0].update(size=-5), "size"),
         (lambda d: d["files"].append(dict(d["files"][0])), "listed twice"),
-        (lambda d: d["files"].append({"path": "model.gguf/x", "size": 1, "sha256": SHA}), "both files"),
+        (lambda d: d["files"].append({"path": "model.gguf/x", "size": 1, "sha256": SHA}),
+         "both files"),
         (lambda d: d["target"].update(entrypoint="nope.gguf"), "entrypoint"),
         (lambda d: d["model"].update(name="../x"), "model name"),
         (lambda d: d.update(requirements={"arch": "x86_64"}), "list of strings"),
@@ -74,7 +75,8 @@ def test_invalid_manifests_are_refused(signing_key, mutate, match):
         Manifest.from_dict(d)
 
 
-@pytest.mark.parametrize("bad", ["", "/abs", "a/../b", "..", "./a", "a//b", "a\\b", "a/\x00", "manifest.json"])
+@pytest.mark.parametrize(
+    "bad", ["", "/abs", "a/../b", "..", "./a", "a//b", "a\\b", "a/\x00", "manifest.json"])
 def test_unsafe_paths_are_refused(bad):
     with pytest.raises(ManifestError):
         check_member_path(bad)
@@ -122,8 +124,10 @@ def test_downgrade_rules(signing_key, keyring):
         verify_manifest(mb, sig, keyring, 3, "d1", "d2")
 
 
-@pytest.mark.parametrize("sig", [b"", b"{}", b"not json", b'{"format":"edgepack-signature/1","signatures":[]}',
-                                 b'{"format":"edgepack-signature/1","signatures":[{"key_id":"x","sig":"zz"}]}'])
+@pytest.mark.parametrize("sig", [
+    b"", b"{}", b"not json", b'{"format":"edgepack-signature/1","signatures":[]}',
+    b'{"format":"edgepack-signature/1","signatures":[{"key_id":"x","sig":"zz"}]}',
+])
 def test_malformed_signatures_are_refused(sig):
     with pytest.raises(SignatureError):
         parse_signatures(sig)

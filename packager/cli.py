@@ -1,0 +1,372 @@
+"""``edgepack``: the host CLI (profiles, model, plan, keys, build, bundle, demo).
+
+Human status goes to stderr, machine output (``--json``) to stdout. Only
+:class:`~agent.errors.EdgepackError` is caught: printed with its hint, exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.cli import setup_logging
+from agent.errors import EdgepackError, KeyringError, ProfileError
+
+log = logging.getLogger("packager")
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _dump(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def _cache(args: argparse.Namespace) -> Path:
+    from packager.cache import default_cache_dir
+
+    return Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+
+
+def _profiles(args: argparse.Namespace):  # -> dict[str, DeviceProfile]
+    from agent.profiles import load_profiles
+
+    return load_profiles(Path(args.profiles_dir) if args.profiles_dir else None)
+
+
+def _selected_profiles(args: argparse.Namespace) -> list:
+    allp = _profiles(args)
+    if args.all_profiles:
+        return list(allp.values())
+    if not args.profile:
+        raise ProfileError("name at least one --profile, or --all-profiles",
+                           hint=f"Known profiles: {', '.join(allp)}")
+    missing = [p for p in args.profile if p not in allp]
+    if missing:
+        raise ProfileError(f"unknown profile(s): {', '.join(missing)}",
+                           hint=f"Known profiles: {', '.join(allp)}")
+    return [allp[p] for p in args.profile]
+
+
+def resolve_model(spec: str, cache_dir: Path):  # -> ModelInfo
+    """``sample`` is the bundled Gemma 3 270M HF checkpoint; anything else goes to resolve_source."""
+    from packager.model import resolve_source
+
+    if spec in ("sample", "sample-gguf"):
+        from packager.sample import ensure_sample
+
+        s = ensure_sample(cache_dir)
+        return resolve_source(str(s.hf_dir if spec == "sample" else s.gguf), cache_dir=cache_dir)
+    return resolve_source(spec, cache_dir=cache_dir)
+
+
+# --- profiles ------------------------------------------------------------------------------------
+
+
+def cmd_profiles_list(args: argparse.Namespace) -> int:
+    profiles = _profiles(args)
+    if args.json:
+        _dump([p.to_dict() for p in profiles.values()])
+        return 0
+    for p in profiles.values():
+        t = p.target
+        print(f"{p.name:18s} {p.device_class:9s} {t.runtime:9s} {t.format:12s} "
+              f"{t.quant or t.precision:7s} {t.device:5s} {p.description}")
+    return 0
+
+
+def cmd_profiles_show(args: argparse.Namespace) -> int:
+    profiles = _profiles(args)
+    if args.name not in profiles:
+        raise ProfileError(f"unknown profile {args.name!r}", hint=f"Known: {', '.join(profiles)}")
+    _dump(profiles[args.name].to_dict())
+    return 0
+
+
+def cmd_profiles_match(args: argparse.Namespace) -> int:
+    from agent.profiles import match_profile
+
+    if args.facts:
+        try:
+            facts = json.loads(Path(args.facts).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ProfileError(f"cannot read facts {args.facts}: {e}") from e
+    else:
+        from agent.probe import probe
+
+        facts = probe()
+    result = match_profile(facts, _profiles(args))
+    if args.json:
+        _dump(result.to_dict())
+    else:
+        print(result.best or "no profile matches")
+        for line in result.explain():
+            _err(f"  {line}")
+    return 0 if result.best else 1
+
+
+# --- model / plan --------------------------------------------------------------------------------
+
+
+def cmd_model_sample(args: argparse.Namespace) -> int:
+    from packager.sample import ensure_sample
+
+    s = ensure_sample(_cache(args))
+    out = {"gguf": str(s.gguf), "hf_dir": str(s.hf_dir)}
+    _dump(out) if args.json else print(f"GGUF:          {s.gguf}\nHF checkpoint: {s.hf_dir}")
+    return 0
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    info = resolve_model(args.model, _cache(args))
+    _dump(info.to_dict())
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from packager.plan import plan
+
+    bp = plan(_selected_profiles(args), resolve_model(args.model, _cache(args)))
+    if args.json:
+        _dump({"profiles": {n: {"variant": p.variant.key, "estimate_bytes": p.estimate.total_bytes,
+                                "context": p.context, "reasons": list(p.reasons)}
+                            for n, p in bp.profiles.items()},
+               "refused": bp.refused, "variants": [v.key for v in bp.variants]})
+        return 0
+    for n, p in bp.profiles.items():
+        print(f"{n:18s} -> {p.variant.key:28s} {p.estimate}")
+        for r in p.reasons:
+            _err(f"    {r}")
+    for n, why in bp.refused.items():
+        print(f"{n:18s} -> refused: {why}")
+    print(f"{len(bp.variants)} distinct variant(s) to build: {', '.join(v.key for v in bp.variants)}")
+    return 0
+
+
+# --- keys / build / bundle -----------------------------------------------------------------------
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from agent.bundle import Keyring, SigningKey
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    priv, pub = out / f"{args.name}.key", out / f"{args.name}.pub.json"
+    if priv.exists() and not args.force:
+        raise KeyringError(f"{priv} exists", hint="Use --force to replace it (old bundles stay "
+                                                  "verifiable only with the old public key).")
+    key = SigningKey.generate(args.name)
+    fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # private: owner only
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.to_pem())
+    pub.write_bytes(Keyring([key.public]).to_bytes())
+    if args.json:
+        _dump({"key_id": key.key_id, "private": str(priv), "keyring": str(pub)})
+    else:
+        print(f"key id:   {key.key_id}\nprivate:  {priv} (keep on the build host)\n"
+              f"keyring:  {pub} (copy to devices: edgepack-agent --keyring {pub.name})")
+    return 0
+
+
+def load_signing_key(path: str):  # -> SigningKey
+    from agent.bundle import SigningKey
+
+    try:
+        return SigningKey.from_pem(Path(path).read_bytes(), Path(path).stem)
+    except OSError as e:
+        raise KeyringError(f"cannot read key {path}: {e}",
+                           hint="Create one with: edgepack keys generate --name release -o keys/") from e
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from packager.build import build
+
+    key = load_signing_key(args.key)
+    cache = _cache(args)
+    report = build(resolve_model(args.model, cache), _selected_profiles(args), key, Path(args.output),
+                   cache_dir=cache, bundle_version=args.bundle_version, threads=args.threads)
+    if args.json:
+        _dump(report.to_dict())
+    else:
+        for b in report.bundles:
+            q = b.manifest.quality
+            print(f"{b.profile:18s} {b.path}  ({b.size_bytes / 2**20:.0f} MiB, ppl "
+                  f"{q.get('ppl', 0):.2f} vs {q.get('reference_ppl', 0):.2f}, "
+                  f"{q.get('delta_pct', 0):+.2f}%)")
+        for p, why in {**report.refused, **report.over_budget}.items():
+            _err(f"{p:18s} refused: {why}")
+        _err(f"report: {Path(args.output) / 'build-report.md'}")
+    explicitly_refused = [p for p in report.refused if not args.all_profiles]
+    return 1 if report.over_budget or explicitly_refused or not report.bundles else 0
+
+
+def _read_bundle_header(path: str):  # -> (reader, manifest_bytes, sig_bytes, stream)
+    from agent.bundle import BundleReader
+
+    stream = open(path, "rb")
+    reader = BundleReader(stream)
+    mb, sb = reader.read_header()
+    return reader, mb, sb, stream
+
+
+def cmd_bundle_inspect(args: argparse.Namespace) -> int:
+    from agent.bundle import Manifest
+
+    try:
+        _reader, mb, _sb, stream = _read_bundle_header(args.bundle)
+    except OSError as e:
+        raise EdgepackError(f"cannot read {args.bundle}: {e}") from e
+    stream.close()
+    m = Manifest.from_bytes(mb)
+    if args.json:
+        _dump({"verified": False, "manifest": m.to_dict()})
+        return 0
+    _err("(unverified: use 'edgepack bundle verify --keyring FILE' to check signature and hashes)")
+    t = m.target
+    print(f"model:     {m.model_name} v{m.version}\nprofile:   {m.profile}\n"
+          f"target:    {t.runtime} / {t.format} / {t.precision} {t.quant} on {t.device}\n"
+          f"signer:    {m.signer_key_id}\ncreated:   {m.created}")
+    q = m.quality
+    if q:
+        print(f"quality:   {q.get('metric')} {q.get('ppl', 0):.3f} vs {q.get('reference')} "
+              f"{q.get('reference_ppl', 0):.3f} ({q.get('delta_pct', 0):+.2f}%), top-1 agreement "
+              f"{q.get('top1_agreement', 0):.3f} over {q.get('tokens')} tokens")
+    print(f"requires:  arch {', '.join(m.requirements.arch) or 'any'}, RAM "
+          f"{m.requirements.min_ram_bytes / 2**30:.2f} GiB")
+    for f in m.files:
+        print(f"file:      {f.path}  {f.size} bytes  sha256 {f.sha256}")
+    return 0
+
+
+def cmd_bundle_verify(args: argparse.Namespace) -> int:
+    from agent.bundle import verify_manifest
+    from agent.cli import load_keyring
+
+    keyring = load_keyring([Path(k) for k in args.keyring])
+    reader, mb, sb, stream = _read_bundle_header(args.bundle)
+    with stream:
+        m = verify_manifest(mb, sb, keyring)
+        reader.extract_payload(m, None)  # hash every payload file, write nothing
+    out = {"verified": True, "model": m.model_name, "version": m.version, "profile": m.profile,
+           "signer": m.signer_key_id, "files": len(m.files)}
+    _dump(out) if args.json else print(f"OK: {m.model_name} v{m.version} for {m.profile}, signed by "
+                                       f"{m.signer_key_id[:16]}, {len(m.files)} file(s) match")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from packager.demo import run_demo
+
+    return run_demo(cache_dir=_cache(args), prompt=args.prompt, state_dir=args.state_dir)
+
+
+# --- parser --------------------------------------------------------------------------------------
+
+
+def _add_profile_selection(s: argparse.ArgumentParser) -> None:
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--profile", action="append", help="profile name, repeatable")
+    g.add_argument("--all-profiles", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgepack", description="package models per device profile")
+    p.add_argument("--version", action="version", version=f"edgepack {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=1, help="more logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    p.add_argument("--profiles-dir", default=os.environ.get("EDGEPACK_PROFILES_DIR"),
+                   help="folder of profile TOML files [EDGEPACK_PROFILES_DIR]")
+    p.add_argument("--cache-dir", default=os.environ.get("EDGEPACK_CACHE"),
+                   help="model and build cache [EDGEPACK_CACHE, default ~/.cache/edgepack]")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    prof = sub.add_parser("profiles", help="device profiles").add_subparsers(dest="sub", required=True)
+    s = prof.add_parser("list")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_profiles_list)
+    s = prof.add_parser("show")
+    s.add_argument("name")
+    s.set_defaults(func=cmd_profiles_show)
+    s = prof.add_parser("match", help="best profile for probe facts (default: this machine)")
+    s.add_argument("--facts", help="JSON from 'edgepack-agent probe --json'")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_profiles_match)
+
+    model = sub.add_parser("model", help="source models").add_subparsers(dest="sub", required=True)
+    s = model.add_parser("sample", help="make the Gemma 3 270M sample (GGUF + HF checkpoint)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_model_sample)
+    s = model.add_parser("info", help="shape of a model (HF folder, .gguf, hub id, or 'sample')")
+    s.add_argument("model")
+    s.set_defaults(func=cmd_model_info)
+
+    s = sub.add_parser("plan", help="what each profile would get, without building")
+    s.add_argument("--model", required=True)
+    _add_profile_selection(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_plan)
+
+    keys = sub.add_parser("keys", help="signing keys").add_subparsers(dest="sub", required=True)
+    s = keys.add_parser("generate", help="new Ed25519 key: NAME.key (private) + NAME.pub.json")
+    s.add_argument("--name", default="release")
+    s.add_argument("-o", "--output", default="keys")
+    s.add_argument("--force", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_keys_generate)
+
+    s = sub.add_parser("build", help="build, measure and sign bundles")
+    s.add_argument("--model", required=True,
+                   help="HF folder, .gguf file, hub id, or 'sample' (Gemma 3 270M)")
+    _add_profile_selection(s)
+    s.add_argument("--key", required=True, help="private key from 'edgepack keys generate'")
+    s.add_argument("-o", "--output", required=True, help="folder for bundles and the report")
+    s.add_argument("--bundle-version", type=int, help="monotonic version (default: UTC timestamp)")
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_build)
+
+    bundle = sub.add_parser("bundle", help="inspect or verify bundles").add_subparsers(dest="sub",
+                                                                                       required=True)
+    s = bundle.add_parser("inspect")
+    s.add_argument("bundle")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_bundle_inspect)
+    s = bundle.add_parser("verify")
+    s.add_argument("bundle")
+    s.add_argument("--keyring", action="append", required=True)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_bundle_verify)
+
+    s = sub.add_parser("demo", help="sample model -> bundle for this host -> install -> answer")
+    s.add_argument("--prompt", default="The three things every hiker should carry are")
+    s.add_argument("--state-dir", help="agent state folder (default: CACHE/demo/state)")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the host CLI; returns the exit code (0 ok, 1 edgepack error, 2 usage)."""
+    args = build_parser().parse_args(argv)
+    setup_logging(0 if args.quiet else args.verbose)
+    try:
+        return int(args.func(args))
+    except EdgepackError as e:
+        _err(f"error: {e}")
+        if e.diagnostics():
+            _err(f"hint: {e.diagnostics()}")
+        return 1
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

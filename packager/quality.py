@@ -1,0 +1,202 @@
+"""Quality of a quantized variant: perplexity on a fixed text, against a full-precision reference.
+
+Both models are scored by the same runtime the device will use (through the ``Runtime`` contract's
+``evaluate_nll``) on ``packager/data/eval.txt``, an English text shipped with the package whose
+sha256 goes into the manifest, so a delta is reproducible and tied to the exact text. A score is
+computed once per (model bytes, runtime version, window, text) and kept in the build cache, so the
+reference is scored once for every variant and every later build of the same model.
+
+:func:`check_budget` is pure: it compares a report with a profile's budget and raises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent.errors import QualityBudgetError
+from agent.profiles.schema import DeviceProfile
+from packager.cache import atomic_file, default_cache_dir, sha256_file, sha256_files
+
+if TYPE_CHECKING:
+    from agent.runtimes import NllResult
+
+log = logging.getLogger(__name__)
+
+EVAL_RESOURCE = "data/eval.txt"
+# (reference sha256, runtime, window, eval sha256) -> result; the reference is scored once per run.
+_reference_results: dict[tuple[str, str, int, str], NllResult] = {}
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    """How much a variant loses against its reference on the evaluation text."""
+
+    metric: str  # "perplexity"
+    variant: str  # the variant's quant name (e.g. "Q4_K_M")
+    reference: str  # the reference's quant name (e.g. "F16")
+    reference_ppl: float
+    ppl: float
+    mean_nll: float  # nats per token
+    reference_mean_nll: float
+    delta_pct: float  # perplexity increase over the reference, percent
+    top1_agreement: float | None  # fraction of positions whose argmax matches the reference
+    tokens: int  # scored tokens
+    eval_sha256: str
+    runtime: str = "llamacpp"
+    window: int = 512
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The report as the manifest's ``quality`` table (floats rounded for stable output)."""
+        d = asdict(self)
+        for k in ("reference_ppl", "ppl", "mean_nll", "reference_mean_nll"):
+            d[k] = round(d[k], 6)
+        d["delta_pct"] = round(self.delta_pct, 3)
+        if self.top1_agreement is not None:
+            d["top1_agreement"] = round(self.top1_agreement, 6)
+        return d
+
+
+def eval_text() -> tuple[str, str]:
+    """The evaluation text and the sha256 of its bytes.
+
+    Returns:
+        (text, hex sha256).
+    """
+    data = resources.files("packager").joinpath(EVAL_RESOURCE).read_bytes()
+    return data.decode("utf-8"), hashlib.sha256(data).hexdigest()
+
+
+def measure(variant_path: Path, reference_path: Path, *, runtime: str = "llamacpp",
+            threads: int = 0, window: int = 512, variant_name: str = "",
+            reference_name: str = "") -> QualityReport:
+    """Measure a variant's perplexity increase over its reference on the evaluation text.
+
+    Args:
+        variant_path: the model to judge (a file or folder the runtime loads).
+        reference_path: the full-precision (or best available) model of the same source.
+        runtime: the runtime name (see :func:`agent.runtimes.get_runtime`).
+        threads: CPU threads; 0 = the runtime's default.
+        window: tokens per scoring window.
+        variant_name, reference_name: quant names for the report; read from GGUF metadata when
+            empty and the file is a GGUF.
+
+    Returns:
+        The :class:`QualityReport`.
+
+    Raises:
+        RuntimeUnavailableError: the runtime is unknown or cannot run here.
+        InferenceError: loading or scoring a model failed.
+    """
+    text, eval_sha = eval_text()
+    ref_digest = sha256_file(reference_path) if reference_path.is_file() else str(reference_path)
+    key = (ref_digest, runtime, window, eval_sha)
+    ref = _reference_results.get(key)
+    if ref is None:
+        ref = _score(reference_path, text, runtime=runtime, threads=threads, window=window)
+        _reference_results[key] = ref
+    else:
+        log.info("reference %s already scored in this run", reference_path.name)
+    res = _score(variant_path, text, runtime=runtime, threads=threads, window=window)
+    agreement: float | None = None
+    if ref.top1 is not None and res.top1 is not None and len(ref.top1) == len(res.top1):
+        agreement = sum(a == b for a, b in zip(ref.top1, res.top1, strict=True)) / len(ref.top1)
+    report = QualityReport(
+        metric="perplexity",
+        variant=variant_name or _quant_name(variant_path),
+        reference=reference_name or _quant_name(reference_path),
+        reference_ppl=ref.perplexity,
+        ppl=res.perplexity,
+        mean_nll=res.mean_nll,
+        reference_mean_nll=ref.mean_nll,
+        delta_pct=(res.perplexity / ref.perplexity - 1.0) * 100.0,
+        top1_agreement=agreement,
+        tokens=res.tokens,
+        eval_sha256=eval_sha,
+        runtime=runtime,
+        window=window,
+    )
+    log.info("%s: perplexity %.3f vs %s %.3f (%+.2f%%), top-1 agreement %s", report.variant,
+             report.ppl, report.reference, report.reference_ppl, report.delta_pct,
+             "n/a" if agreement is None else f"{agreement:.1%}")
+    return report
+
+
+def _score(path: Path, text: str, *, runtime: str, threads: int, window: int) -> NllResult:
+    """Score a model on the text, reusing an earlier score of the same bytes from the disk cache.
+
+    The key is (model bytes, runtime + its version, window, text bytes): anything that can change
+    the numbers. Scoring Gemma's 262k-vocabulary logits costs 15-60 s per model on 2 cores, and the
+    same F16 reference is scored by every build of a model.
+    """
+    from agent.runtimes import LoadOptions, NllResult, get_runtime
+
+    rt_cls = get_runtime(runtime)
+    digest = sha256_file(path) if path.is_file() else sha256_files(
+        sorted(p for p in path.rglob("*") if p.is_file()), root=path)
+    version = str(rt_cls.describe().get("version", ""))
+    key = hashlib.sha256(
+        f"{digest}|{runtime}|{version}|{window}|{hashlib.sha256(text.encode()).hexdigest()}".encode()
+    ).hexdigest()[:32]
+    cache_file = default_cache_dir() / "quality" / f"{key}.json"
+    try:
+        d = json.loads(cache_file.read_text())
+        log.info("score of %s reused from %s", path.name, cache_file)
+        return NllResult(float(d["mean_nll"]), float(d["perplexity"]), int(d["tokens"]),
+                         tuple(d["top1"]) if d.get("top1") is not None else None)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not cached yet (or unreadable): measure it
+    t0 = time.monotonic()
+    rt = rt_cls()
+    # a fresh context per window: BOS + window tokens must fit; the margin keeps runtimes that
+    # round the context up from refusing the last position
+    rt.load(path, LoadOptions(context=window + 64, threads=threads))
+    try:
+        result = rt.evaluate_nll(text, window=window)
+    finally:
+        rt.close()
+    log.info("scored %s: %d tokens, perplexity %.3f in %.1f s", path.name, result.tokens,
+             result.perplexity, time.monotonic() - t0)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(cache_file) as tmp:
+        tmp.write_text(json.dumps({"mean_nll": result.mean_nll, "perplexity": result.perplexity,
+                                   "tokens": result.tokens,
+                                   "top1": list(result.top1) if result.top1 is not None else None}))
+    return result
+
+
+def _quant_name(path: Path) -> str:
+    if path.suffix == ".gguf":
+        from packager.gguf import gguf_file_type
+
+        return gguf_file_type(path) or path.stem
+    return path.name
+
+
+def check_budget(report: QualityReport, profile: DeviceProfile) -> None:
+    """Refuse a variant that loses more perplexity than the profile allows. Pure.
+
+    Args:
+        report: the measured quality.
+        profile: the device class whose ``budget.max_ppl_increase_pct`` applies.
+
+    Raises:
+        QualityBudgetError: ``delta_pct`` exceeds the budget or is not a finite number.
+    """
+    budget = profile.budget.max_ppl_increase_pct
+    measured = report.delta_pct
+    if math.isfinite(measured) and measured <= budget:
+        return
+    loss = f"{measured:.1f}%" if math.isfinite(measured) else f"a non-finite ({measured})"
+    raise QualityBudgetError(
+        f"variant {report.variant} for profile {profile.name} loses {loss} perplexity "
+        f"({report.reference_ppl:.1f} -> {report.ppl:.1f}); the profile allows {budget:.1f}%",
+        profile=profile.name, measured_pct=measured, budget_pct=budget,
+    )
