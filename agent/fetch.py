@@ -1,0 +1,406 @@
+"""Download a bundle to the device: resumable, capped, hashed as it is written. Stdlib only.
+
+Invariants: never more than ``size`` bytes reach the disk (every read is capped, TUF-style); the
+file at ``dest`` only ever appears whole, with the expected length and sha256 (a mismatch deletes
+the partial file); a dropped connection or a killed agent resumes from ``dest.part``.
+
+HTTP(S) workflow: (1) check free disk for what is still missing, (2) hash an existing ``.part``
+(a previous run's bytes), (3) request ``Range: bytes=N-`` when N > 0, (4) append + hash each
+capped chunk, (5) on a dropped connection or a 5xx back off (jittered, exponential, bounded) and
+resume from (3), (6) check length + sha256, fsync, rename to ``dest``. A server that answers 200
+to a Range request sends the whole file again, so the ``.part`` restarts from byte 0.
+
+``file://`` URLs are copied the same way (capped, hashed, fsynced, renamed) but are not retried.
+The bundle's signature is checked later by the store; the sha256 here protects the download and
+the disk, it is not the trust decision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import logging
+import os
+import random
+import re
+import shutil
+import ssl
+import threading
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from agent._fs import fsync_dir
+from agent.errors import (
+    DigestMismatchError,
+    InstallError,
+    InsufficientResourcesError,
+    TransportError,
+    UntrustedDataError,
+)
+
+log = logging.getLogger("agent.fetch")
+
+__all__ = ["fetch", "part_path"]
+
+CHUNK_BYTES = 1 << 20  # read/write unit: large enough for SHA-NI speed, small enough to cancel fast
+MAX_REDIRECTS = 5
+BACKOFF_CAP_S = 30.0  # longest pause between attempts
+_MAX_ATTEMPTS_FACTOR = 20  # attempts that made progress do not use up retries; this still bounds them
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+_USER_AGENT = "edgepack-agent"
+
+Progress = Callable[[int, int], None]
+DiskFree = Callable[[Path], int]
+
+
+class _Retry(Exception):
+    """An attempt failed in a way worth retrying (dropped connection, timeout, 5xx)."""
+
+
+class _Restart(Exception):
+    """The server's answer cannot continue our ``.part``: start again from byte 0."""
+
+
+def part_path(dest: Path) -> Path:
+    """Where the partial download of ``dest`` lives (``dest`` + ``.part``)."""
+    return dest.with_name(dest.name + ".part")
+
+
+def fetch(
+    url: str,
+    dest: Path,
+    *,
+    sha256: str,
+    size: int,
+    progress: Progress | None = None,
+    timeout: float = 30.0,
+    max_retries: int = 5,
+    cancel: threading.Event | None = None,
+    ca_file: Path | None = None,
+    backoff_base: float = 0.5,
+    disk_free: DiskFree | None = None,
+) -> Path:
+    """Download ``url`` to ``dest``, resuming, retrying, and checking length and sha256.
+
+    Args:
+        url: ``http://``, ``https://`` or ``file://`` URL of the bundle.
+        dest: final path; the partial download is ``dest`` + ``.part`` in the same folder.
+        sha256: expected lowercase hex digest of the whole file.
+        size: expected length in bytes; nothing beyond it is ever written.
+        progress: called as ``progress(bytes_done, size)`` after each chunk.
+        timeout: seconds for connecting and for each read.
+        max_retries: attempts after a failure that made no progress before giving up.
+        cancel: set it to stop at the next chunk (the ``.part`` is kept for a later resume).
+        ca_file: PEM bundle of CAs to trust for ``https://`` instead of the system store.
+        backoff_base: first pause between attempts in seconds (doubles, jittered, capped at 30 s).
+        disk_free: free bytes at a path (default ``shutil.disk_usage``); tests inject it.
+
+    Returns:
+        ``dest``, now holding exactly ``size`` bytes with the expected sha256.
+
+    Raises:
+        UntrustedDataError: unsupported URL scheme, file:// on another host, or malformed sha256.
+        DigestMismatchError: the server or file offers more or fewer bytes than ``size``, or
+            the sha256 differs (the partial file is deleted).
+        InsufficientResourcesError: not enough free disk for the bytes still missing.
+        TransportError: the download failed after the retries (carries the URL and the reason),
+            or the server refused it (4xx).
+        InstallError: the download was cancelled (``step="fetch"``), or the file cannot be written.
+    """
+    sha256 = sha256.lower()
+    if not _SHA256_RE.fullmatch(sha256):
+        raise UntrustedDataError(f"expected sha256 is not 64 hex digits: {sha256!r}")
+    if size < 0:
+        raise UntrustedDataError(f"expected size is negative: {size}")
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in ("http", "https", "file"):
+        raise UntrustedDataError(
+            f"refusing to fetch {url!r}: scheme {scheme or '(none)'!r} is not http, https or file"
+        )
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    job = _Job(url, dest, sha256, size, progress, cancel or threading.Event())
+    if scheme == "file":
+        job.check_disk(0, disk_free)
+        return job.copy_file()
+    return job.download(
+        timeout=timeout, max_retries=max_retries, ca_file=ca_file, backoff_base=backoff_base,
+        disk_free=disk_free,
+    )
+
+
+class _Job:
+    """One fetch: the expected result, the ``.part`` on disk and the running hash over it."""
+
+    def __init__(self, url: str, dest: Path, sha256: str, size: int, progress: Progress | None,
+                 cancel: threading.Event) -> None:
+        self.url = url
+        self.dest = dest
+        self.part = part_path(dest)
+        self.sha256 = sha256
+        self.size = size
+        self.progress = progress
+        self.cancel = cancel
+        self.hasher = hashlib.sha256()
+        self.done = 0  # bytes in .part, all of them fed to self.hasher
+        self.stale = False  # the .part holds bytes from an earlier run, not yet proven by the digest
+
+    # --- shared steps -------------------------------------------------------------------------
+
+    def check_disk(self, already: int, disk_free: DiskFree | None) -> None:
+        needed = self.size - already
+        available = (disk_free or _disk_free)(self.dest.parent)
+        if needed > available:
+            raise InsufficientResourcesError(
+                f"not enough free disk in {self.dest.parent} to download {self.url}: "
+                f"{needed} bytes needed, {available} available",
+                needed=needed, available=available, resource="disk",
+            )
+
+    def check_cancel(self) -> None:
+        if self.cancel.is_set():
+            raise InstallError(f"download of {self.url} cancelled", step="fetch")
+
+    def reset(self) -> None:
+        """Forget the ``.part``: the next bytes start the file again."""
+        with contextlib.suppress(FileNotFoundError):
+            self.part.unlink()
+        self.hasher = hashlib.sha256()
+        self.done = 0
+        self.stale = False
+
+    def too_long(self, announced: int) -> DigestMismatchError:
+        self.reset()
+        return DigestMismatchError(
+            f"{self.url} offers {announced} bytes, expected {self.size}: refused",
+            path=self.url, expected=str(self.size), actual=str(announced),
+        )
+
+    def append(self, out: BinaryIO, chunk: bytes) -> None:
+        try:
+            out.write(chunk)
+        except OSError as e:
+            raise InstallError(f"cannot write {self.part}: {e}", step="fetch") from e
+        self.hasher.update(chunk)
+        self.done += len(chunk)
+        if self.progress is not None:
+            self.progress(self.done, self.size)
+
+    def finish(self) -> Path:
+        """Check length + digest of the complete ``.part``, then fsync and rename it to ``dest``."""
+        actual = self.hasher.hexdigest()
+        if self.done != self.size or actual != self.sha256:
+            done = self.done
+            self.reset()
+            if done != self.size:
+                raise DigestMismatchError(
+                    f"{self.url}: got {done} bytes, expected {self.size}",
+                    path=self.url, expected=str(self.size), actual=str(done),
+                )
+            raise DigestMismatchError(
+                f"{self.url}: sha256 {actual} differs from the expected {self.sha256}",
+                path=self.url, expected=self.sha256, actual=actual,
+            )
+        try:
+            with open(self.part, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(self.part, self.dest)
+            fsync_dir(self.dest.parent)
+        except OSError as e:
+            raise InstallError(f"cannot move {self.part} to {self.dest}: {e}", step="fetch") from e
+        log.info("fetched %s -> %s (%d bytes)", self.url, self.dest, self.size)
+        return self.dest
+
+    # --- file:// ------------------------------------------------------------------------------
+
+    def copy_file(self) -> Path:
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.netloc not in ("", "localhost"):
+            raise UntrustedDataError(f"refusing {self.url!r}: file:// URLs must name this host")
+        src = Path(urllib.request.url2pathname(parts.path))
+        self.reset()  # a local copy is fast: no resume, so no stale bytes can sneak in
+        try:
+            with open(src, "rb") as inp, open(self.part, "wb") as out:
+                # Read one byte past the expected size so a longer file is caught, never copied.
+                while self.done < self.size + 1:
+                    self.check_cancel()
+                    chunk = inp.read(min(CHUNK_BYTES, self.size + 1 - self.done))
+                    if not chunk:
+                        break
+                    if self.done + len(chunk) > self.size:
+                        raise self.too_long(self.done + len(chunk))
+                    self.append(out, chunk)
+        except FileNotFoundError as e:
+            self.reset()
+            raise TransportError(f"cannot read {self.url}: no such file") from e
+        except OSError as e:
+            self.reset()
+            raise TransportError(f"cannot read {self.url}: {e}") from e
+        return self.finish()
+
+    # --- http(s):// ---------------------------------------------------------------------------
+
+    def download(self, *, timeout: float, max_retries: int, ca_file: Path | None,
+                 backoff_base: float, disk_free: DiskFree | None) -> Path:
+        context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        self._hash_existing_part()
+        self.check_disk(self.done, disk_free)
+        failures = 0
+        for attempt in range(1, (max_retries + 1) * _MAX_ATTEMPTS_FACTOR + 1):
+            self.check_cancel()
+            if self.done == self.size and self.part.exists():
+                if self.stale and self.hasher.hexdigest() != self.sha256:
+                    # Bytes left by an earlier run belong to another file: one fresh download.
+                    log.warning("%s does not match %s; downloading again", self.part, self.url)
+                    self.reset()
+                else:
+                    return self.finish()
+            before = self.done
+            try:
+                self._attempt(timeout, context)
+            except _Restart as e:
+                log.warning("%s: %s; restarting from byte 0", self.url, e)
+                self.reset()
+                reason = str(e)
+            except _Retry as e:
+                reason = str(e)
+            else:
+                continue  # complete: the check at the top verifies and renames
+            # A failure that moved the download forward does not use up a retry: a flaky link
+            # that drops every few MB must still finish; the attempt range above bounds the loop.
+            failures = 0 if self.done > before else failures + 1
+            if failures > max_retries:
+                raise TransportError(
+                    f"download of {self.url} failed after {max_retries} retries: {reason}",
+                    hint="Check that the bundle server is reachable from the device.",
+                )
+            delay = min(BACKOFF_CAP_S, backoff_base * 2 ** max(failures - 1, 0))
+            delay *= random.uniform(0.5, 1.0)  # jitter: a fleet must not retry in lockstep
+            log.info("%s: attempt %d failed (%s); retrying in %.2fs at byte %d",
+                     self.url, attempt, reason, delay, self.done)
+            if self.cancel.wait(delay):
+                self.check_cancel()
+        raise TransportError(f"download of {self.url} did not finish in the allowed attempts")
+
+    def _hash_existing_part(self) -> None:
+        self.hasher = hashlib.sha256()
+        self.done = 0
+        try:
+            have = self.part.stat().st_size
+        except FileNotFoundError:
+            return
+        if have > self.size:
+            log.warning("%s is longer than the expected %d bytes; discarding it", self.part, self.size)
+            self.reset()
+            return
+        with open(self.part, "rb") as f:
+            while chunk := f.read(CHUNK_BYTES):
+                self.hasher.update(chunk)
+                self.done += len(chunk)
+        self.stale = self.done > 0
+        log.info("resuming %s at byte %d of %d", self.url, self.done, self.size)
+
+    def _attempt(self, timeout: float, context: ssl.SSLContext) -> None:
+        """One request from ``self.done``; returns once ``size`` bytes are in the ``.part``."""
+        resp, conn = self._request(timeout, context)
+        try:
+            start = self._check_response(resp)
+            if start == 0 and self.done:
+                self.reset()  # a 200 to our Range request: the whole file is coming again
+            with open(self.part, "ab") as out:
+                while self.done < self.size:
+                    self.check_cancel()
+                    try:
+                        chunk = resp.read(min(CHUNK_BYTES, self.size - self.done))
+                    except (OSError, http.client.HTTPException) as e:
+                        raise _Retry(f"connection lost at byte {self.done}: {e!r}") from e
+                    if not chunk:
+                        raise _Retry(f"connection closed at byte {self.done} of {self.size}")
+                    self.append(out, chunk)
+            # Nothing may follow the last expected byte (a body without a length, e.g. chunked).
+            try:
+                extra = resp.read(1)
+            except (OSError, http.client.HTTPException):
+                extra = b""  # tolerated: all the expected bytes arrived; the digest decides
+            if extra:
+                raise self.too_long(self.size + 1)
+        finally:
+            conn.close()
+
+    def _request(self, timeout: float, context: ssl.SSLContext
+                 ) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
+        url = self.url
+        for _ in range(MAX_REDIRECTS + 1):
+            parts = urllib.parse.urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise UntrustedDataError(f"refusing redirect of {self.url!r} to {url!r}")
+            conn: http.client.HTTPConnection
+            if parts.scheme == "https":
+                conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout,
+                                                   context=context)
+            else:
+                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+            headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity", "Connection": "close"}
+            if self.done:
+                headers["Range"] = f"bytes={self.done}-"
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            try:
+                conn.request("GET", target, headers=headers)
+                resp = conn.getresponse()
+            except (OSError, http.client.HTTPException) as e:
+                conn.close()
+                raise _Retry(f"{type(e).__name__}: {e}") from e
+            if resp.status in (301, 302, 303, 307, 308):
+                location = resp.getheader("Location")
+                conn.close()
+                if not location:
+                    raise TransportError(f"{url}: redirect {resp.status} without a Location")
+                url = urllib.parse.urljoin(url, location)
+                continue
+            return resp, conn
+        raise TransportError(f"{self.url}: more than {MAX_REDIRECTS} redirects")
+
+    def _check_response(self, resp: http.client.HTTPResponse) -> int:
+        """Validate status and lengths; return the offset the body starts at."""
+        if resp.status in _RETRY_STATUS:
+            raise _Retry(f"HTTP {resp.status} {resp.reason}")
+        length_header = resp.getheader("Content-Length")
+        length = int(length_header) if length_header and length_header.isdigit() else None
+        if resp.status == 200:
+            if length is not None and length != self.size:
+                raise self.too_long(length) if length > self.size else DigestMismatchError(
+                    f"{self.url} offers {length} bytes, expected {self.size}",
+                    path=self.url, expected=str(self.size), actual=str(length),
+                )
+            return 0
+        if resp.status == 206 and self.done:
+            m = _CONTENT_RANGE_RE.fullmatch((resp.getheader("Content-Range") or "").strip())
+            if not m:
+                raise _Restart(f"206 with a malformed Content-Range {resp.getheader('Content-Range')!r}")
+            first, last, total = int(m[1]), int(m[2]), m[3]
+            if total != "*" and int(total) != self.size:
+                raise self.too_long(int(total)) if int(total) > self.size else DigestMismatchError(
+                    f"{self.url} is {total} bytes, expected {self.size}",
+                    path=self.url, expected=str(self.size), actual=total,
+                )
+            if first != self.done or last >= self.size or (
+                    length is not None and length != last - first + 1):
+                raise _Restart(f"206 for bytes {first}-{last}, asked from {self.done}")
+            return first
+        if resp.status == 416 and self.done:
+            # Our .part does not fit the file the server has (e.g. it was replaced): start over.
+            raise _Restart("416 Range Not Satisfiable for our partial file")
+        raise TransportError(
+            f"download of {self.url} refused: HTTP {resp.status} {resp.reason}",
+            hint="Check the bundle URL and that the server still has the file.",
+        )
+
+
+def _disk_free(path: Path) -> int:
+    return shutil.disk_usage(path).free

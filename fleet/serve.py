@@ -1,0 +1,299 @@
+"""Serve the bundles of one folder over HTTP, read-only, with byte ranges so devices can resume.
+
+Only plain file names directly inside the folder are served (no sub-folders, no hidden files,
+no symlinks, no ``..`` however it is encoded); everything else is 404. ``GET /`` lists the file
+names as plain text. One ``Range: bytes=...`` spec is honoured (``a-b``, ``a-``, ``-n``) with
+206 + ``Content-Range``; an unsatisfiable one gets 416; several ranges or a malformed header are
+ignored and the whole file is sent (RFC 9110 allows both). The server binds loopback unless told
+otherwise: exposing bundles to a network is a deliberate choice of ``host``.
+
+Fault injection exists for tests only and only through constructor arguments, so the agent's
+resume path is exercised against a real socket: ``drop_after_bytes`` cuts one response after N
+body bytes, ``ignore_range`` answers 200 to range requests, ``send_content_length=False`` sends
+bodies without a length (closing the connection to end them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import logging
+import os
+import re
+import socket
+import stat
+import threading
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+log = logging.getLogger("fleet.serve")
+
+__all__ = ["BundleServer", "ServedRequest"]
+
+CHUNK_BYTES = 1 << 20
+CLIENT_TIMEOUT_S = 60.0  # a stalled client frees its thread after this
+_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+@dataclass(frozen=True)
+class ServedRequest:
+    """One answered request, recorded for tests and logs."""
+
+    method: str
+    path: str
+    range: str | None
+    status: int
+    body_bytes: int  # body bytes actually written to the socket
+
+
+class BundleServer:
+    """A threaded HTTP server for the files of one folder.
+
+    Args:
+        directory: the folder whose regular files are served.
+        host: address to bind; loopback by default. ``"::1"`` or another IPv6 address works too.
+        port: TCP port; 0 picks a free one (see :attr:`port` after :meth:`start`).
+        drop_after_bytes: tests only: cut the first response that reaches this many body bytes.
+        ignore_range: tests only: answer every request with the whole file (200).
+        send_content_length: tests only: False omits ``Content-Length`` and closes to end a body.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        drop_after_bytes: int | None = None,
+        ignore_range: bool = False,
+        send_content_length: bool = True,
+    ) -> None:
+        self.directory = Path(directory).resolve()
+        if not self.directory.is_dir():
+            raise NotADirectoryError(f"{self.directory} is not a folder")
+        self.host = host
+        self.ignore_range = ignore_range
+        self.send_content_length = send_content_length
+        self.requests: list[ServedRequest] = []
+        self._drop_after = drop_after_bytes  # armed until one response is cut
+        self._lock = threading.Lock()
+        self._recorded = threading.Condition(self._lock)
+        self._httpd = _Server((host, port), _Handler, self)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port."""
+        return int(self._httpd.server_address[1])
+
+    @property
+    def bytes_served(self) -> int:
+        """Body bytes written to clients so far, over all requests."""
+        with self._lock:
+            return sum(r.body_bytes for r in self.requests)
+
+    def url_for(self, filename: str) -> str:
+        """The URL of ``filename`` in the served folder.
+
+        Returns:
+            ``http://host:port/<quoted filename>``.
+        """
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/{urllib.parse.quote(filename)}"
+
+    def start(self) -> BundleServer:
+        """Serve in a background (daemon) thread; returns self."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
+                name=f"bundle-server:{self.port}", daemon=True,
+            )
+            self._thread.start()
+            log.info("serving %s at http://%s:%d/", self.directory, self.host, self.port)
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the listening socket (waits at most a few seconds)."""
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread.join(timeout=5.0)
+            self._thread = None
+        self._httpd.server_close()
+
+    def __enter__(self) -> BundleServer:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    # --- used by the handler ------------------------------------------------------------------
+
+    def wait_requests(self, count: int, timeout: float = 5.0) -> bool:
+        """Wait until ``count`` requests are recorded (a client may finish reading before the
+        handler thread records its request); returns False on timeout."""
+        with self._recorded:
+            return self._recorded.wait_for(lambda: len(self.requests) >= count, timeout=timeout)
+
+    def _record(self, entry: ServedRequest) -> None:
+        with self._recorded:
+            self.requests.append(entry)
+            self._recorded.notify_all()
+
+    def _claim_drop(self, sent: int, chunk: int) -> int | None:
+        """If this response should be cut within the next ``chunk`` bytes, return where."""
+        with self._lock:
+            if self._drop_after is None or sent + chunk < self._drop_after:
+                return None
+            at = self._drop_after - sent
+            self._drop_after = None  # once only: the retry must succeed
+            return max(at, 0)
+
+    def _resolve(self, raw_path: str) -> Path | None:
+        """The file a request path names, or None unless it is a plain regular file here."""
+        name = urllib.parse.unquote(urllib.parse.urlsplit(raw_path).path)
+        name = name[1:] if name.startswith("/") else name
+        # Decode first, then judge: "..%2f" must be seen as "../". Only bare names pass.
+        if (not name or "/" in name or "\\" in name or "\0" in name or name.startswith(".")):
+            return None
+        path = self.directory / name
+        try:
+            st = os.lstat(path)  # lstat: a symlink could point out of the folder
+        except OSError:
+            return None
+        return path if stat.S_ISREG(st.st_mode) else None
+
+    def _index(self) -> bytes:
+        names = sorted(p.name for p in self.directory.iterdir()
+                       if not p.name.startswith(".") and p.is_file() and not p.is_symlink())
+        return "".join(f"{n}\n" for n in names).encode()
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True  # a stuck client must not block stop()
+
+    def __init__(self, address: tuple[str, int], handler: type[_Handler], owner: BundleServer) -> None:
+        self.owner = owner
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, handler)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "edgepack-bundle-server"
+    timeout = CLIENT_TIMEOUT_S
+    server: _Server
+
+    def do_GET(self) -> None:
+        self._serve(body=True)
+
+    def do_HEAD(self) -> None:
+        self._serve(body=False)
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("%s - " + format, self.address_string(), *args)
+
+    def _serve(self, *, body: bool) -> None:
+        owner = self.server.owner
+        range_header = self.headers.get("Range")
+        sent = 0
+        status = 500
+        try:
+            if urllib.parse.urlsplit(self.path).path == "/":
+                status = 200
+                sent = self._send_bytes(owner._index(), "text/plain; charset=utf-8", body)
+                return
+            path = owner._resolve(self.path)
+            if path is None:
+                status = 404
+                sent = self._send_bytes(b"not found\n", "text/plain; charset=utf-8", body, status=404)
+                return
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                span = None if owner.ignore_range else _parse_range(range_header, size)
+                if span == "unsatisfiable":
+                    status = 416
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{size}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                first, last = span if isinstance(span, tuple) else (0, size - 1)
+                status = 206 if isinstance(span, tuple) else 200
+                self.send_response(status)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Accept-Ranges", "bytes")
+                self.send_header("Last-Modified", self.date_time_string(int(os.fstat(f.fileno()).st_mtime)))
+                if status == 206:
+                    self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
+                if owner.send_content_length:
+                    self.send_header("Content-Length", str(last - first + 1))
+                else:
+                    self.close_connection = True  # the end of the body is the end of the connection
+                    self.send_header("Connection", "close")
+                self.end_headers()
+                if body:
+                    sent = self._copy(f, first, last - first + 1)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # tolerated: the client went away; nothing to answer
+        finally:
+            owner._record(ServedRequest(self.command, self.path, range_header, status, sent))
+
+    def _send_bytes(self, data: bytes, ctype: str, body: bool, status: int = 200) -> int:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+            return len(data)
+        return 0
+
+    def _copy(self, f: BinaryIO, offset: int, length: int) -> int:
+        f.seek(offset)
+        sent = 0
+        while sent < length:
+            chunk = f.read(min(CHUNK_BYTES, length - sent))
+            if not chunk:
+                break  # the file shrank while serving; the client sees a short body
+            cut = self.server.owner._claim_drop(sent, len(chunk))
+            if cut is not None:
+                self.wfile.write(chunk[:cut])
+                self.wfile.flush()
+                sent += cut
+                self._cut_connection()
+                return sent
+            self.wfile.write(chunk)
+            sent += len(chunk)
+        return sent
+
+    def _cut_connection(self) -> None:
+        # Fault injection: end the TCP stream mid-body, as a dropped link would.
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+
+def _parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
+    """One byte range as ``(first, last)`` inclusive, ``"unsatisfiable"``, or None to send it all."""
+    if not header:
+        return None
+    m = _RANGE_RE.fullmatch(header.strip())
+    if not m or (not m[1] and not m[2]):
+        return None  # several ranges or a malformed spec: ignoring the header is allowed
+    if not m[1]:  # suffix: the last n bytes
+        n = int(m[2])
+        if n == 0 or size == 0:
+            return "unsatisfiable"
+        return max(size - n, 0), size - 1
+    first = int(m[1])
+    last = int(m[2]) if m[2] else size - 1
+    if m[2] and last < first:
+        return None  # an invalid range-spec is ignored, not refused (RFC 9110 14.2)
+    if first >= size:
+        return "unsatisfiable"
+    return first, min(last, size - 1)
