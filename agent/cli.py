@@ -24,7 +24,9 @@ log = logging.getLogger("agent")
 
 
 def default_state_dir() -> Path:
-    """/var/lib/edgepack-agent for root (systemd StateDirectory), else the XDG state folder."""
+    """systemd's $STATE_DIRECTORY, /var/lib/edgepack-agent for root, else the XDG state folder."""
+    if os.environ.get("STATE_DIRECTORY"):  # set by StateDirectory= (DynamicUser is not root)
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
     if os.geteuid() == 0:
         return Path("/var/lib/edgepack-agent")
     xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
@@ -172,15 +174,16 @@ def cmd_install(args: argparse.Namespace) -> int:
 
     res = store.install(Path(args.bundle), load_check=None if args.no_load_check else load_check,
                         on_event=event, progress=progress)
-    out = {"installed": res.bundle.summary(), "previous": res.previous.summary() if res.previous else None,
+    out = {"installed": res.bundle.summary(),
+           "previous": res.previous.summary() if res.previous else None,
            "already_installed": res.already_installed, "check": res.check}
     if args.json:
         print(json.dumps(out, indent=2, sort_keys=True))
     else:
         b = res.bundle.manifest
         note = " (already current)" if res.already_installed else ""
-        _err(f"current: {b.model_name} v{b.version} {b.target.runtime}/{b.target.quant or b.target.precision} "
-             f"[{res.bundle.slot}]{note}")
+        _err(f"current: {b.model_name} v{b.version} "
+             f"{b.target.runtime}/{b.target.quant or b.target.precision} [{res.bundle.slot}]{note}")
     return 0
 
 
@@ -219,14 +222,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     cur, prev = store.current(), store.previous()
     out = {"agent_version": __version__, "state_dir": str(store.state_dir),
            "current": cur.summary() if cur else None, "previous": prev.summary() if prev else None,
-           "trusted_keys": [k.key_id for k in store.keyring.keys()], "recovered": store.recovered}
+           "trusted_keys": [k.key_id for k in store.keyring.public_keys()],
+           "recovered": store.recovered}
     if args.json:
         print(json.dumps(out, indent=2, sort_keys=True))
     else:
         for k in ("current", "previous"):
             b = out[k]
-            print(f"{k:9s} " + (f"{b['model']} v{b['version']} {b['runtime']}/{b['quant'] or b['precision']} "
-                                f"[{b['slot']}]" if b else "none"))
+            desc = (f"{b['model']} v{b['version']} {b['runtime']}/{b['quant'] or b['precision']} "
+                    f"[{b['slot']}]") if b else "none"
+            print(f"{k:9s} {desc}")
         print(f"keys      {len(out['trusted_keys'])} trusted")
     return 0
 
@@ -267,6 +272,58 @@ def cmd_infer(args: argparse.Namespace) -> int:
         if usage:
             _err(f"[{usage.completion_tokens} tokens, TTFT {usage.ttft_ms:.0f} ms, "
                  f"{usage.decode_tok_s:.1f} tok/s, {usage.finish_reason}]")
+    return 0
+
+
+# --- service -------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import signal
+
+    from agent.daemon import Agent, AgentConfig
+
+    paths = _keyring_paths(args)
+    if not paths:
+        raise KeyringError("no trusted keyring: the agent could never install anything",
+                           hint="Pass --keyring FILE or put one at STATE_DIR/keyring.json.")
+    cfg = AgentConfig(
+        state_dir=Path(args.state_dir), keyring=paths, broker_url=args.broker,
+        device_id=args.device, fleet=args.fleet, username=args.username, password=args.password,
+        ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file,
+        health_interval=args.health_interval, infer_queue=args.queue, threads=args.threads,
+    )
+    agent = Agent(cfg)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: agent.request_stop())
+    _err(f"edgepack-agent {__version__}: device {cfg.device_id} in fleet {cfg.fleet}, "
+         f"broker {cfg.broker_url}, state {cfg.state_dir}")
+    agent.run()
+    return 0
+
+
+def cmd_install_service(args: argparse.Namespace) -> int:
+    import shutil
+    import subprocess
+
+    from agent.service import install_service
+
+    exe = args.exec_path or shutil.which("edgepack-agent") or sys.argv[0]
+    env = {"EDGEPACK_BROKER": args.broker, "EDGEPACK_FLEET": args.fleet,
+           "EDGEPACK_DEVICE": args.device, "EDGEPACK_STATE_DIR": "/var/lib/edgepack-agent",
+           "EDGEPACK_KEYRING": args.service_keyring}
+    for k, v in (("EDGEPACK_MQTT_USERNAME", args.username), ("EDGEPACK_MQTT_PASSWORD", args.password),
+                 ("EDGEPACK_MQTT_CA", args.ca_file)):
+        if v:
+            env[k] = v
+    unit, env_file = install_service(str(Path(exe).resolve()), env, unit_dir=Path(args.unit_dir),
+                                     env_path=Path(args.env_file))
+    _err(f"wrote {unit} and {env_file}")
+    if args.enable:
+        for cmd in (["systemctl", "daemon-reload"], ["systemctl", "enable", "--now", unit.name]):
+            subprocess.run(cmd, check=False)
+    else:
+        _err(f"next: systemctl daemon-reload && systemctl enable --now {unit.name}")
     return 0
 
 
@@ -327,7 +384,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, help="override the profile's thread count")
     s.add_argument("--json", action="store_true", help="one JSON object per chunk on stdout")
     s.set_defaults(func=cmd_infer)
+
+    s = sub.add_parser("run", help="serve: MQTT births, health, commands, streamed inference")
+    _add_mqtt_flags(s)
+    s.add_argument("--health-interval", type=float,
+                   default=float(_env("HEALTH_INTERVAL") or "10"), help="seconds [EDGEPACK_HEALTH_INTERVAL]")
+    s.add_argument("--queue", type=int, default=int(_env("INFER_QUEUE") or "4"),
+                   help="waiting inference requests before 'busy' [EDGEPACK_INFER_QUEUE]")
+    s.add_argument("--threads", type=int, default=None, help="override the profile's threads")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("install-service", help="write the systemd unit and its env file")
+    _add_mqtt_flags(s)
+    s.add_argument("--exec-path", help="edgepack-agent executable (default: the one on PATH)")
+    s.add_argument("--service-keyring", default="/etc/edgepack/keyring.json",
+                   help="keyring path the service reads")
+    s.add_argument("--unit-dir", default="/etc/systemd/system")
+    s.add_argument("--env-file", default="/etc/edgepack/agent.env")
+    s.add_argument("--enable", action="store_true", help="also daemon-reload and enable --now")
+    s.set_defaults(func=cmd_install_service)
     return p
+
+
+def _add_mqtt_flags(s: argparse.ArgumentParser) -> None:
+    from agent.daemon import default_device_id
+
+    s.add_argument("--broker", default=_env("BROKER", "mqtt://127.0.0.1:1883"),
+                   help="mqtt://host:port or mqtts://host:port [EDGEPACK_BROKER]")
+    s.add_argument("--device", default=_env("DEVICE") or default_device_id(),
+                   help="device id [EDGEPACK_DEVICE, default: hostname]")
+    s.add_argument("--fleet", default=_env("FLEET", "default"), help="[EDGEPACK_FLEET]")
+    s.add_argument("--username", default=_env("MQTT_USERNAME"), help="[EDGEPACK_MQTT_USERNAME]")
+    s.add_argument("--password", default=_env("MQTT_PASSWORD"), help="[EDGEPACK_MQTT_PASSWORD]")
+    s.add_argument("--ca-file", default=_env("MQTT_CA"), help="CA for mqtts:// [EDGEPACK_MQTT_CA]")
+    s.add_argument("--cert-file", default=_env("MQTT_CERT"), help="client cert [EDGEPACK_MQTT_CERT]")
+    s.add_argument("--key-file", default=_env("MQTT_KEY"), help="client key [EDGEPACK_MQTT_KEY]")
 
 
 def setup_logging(verbosity: int) -> None:

@@ -67,3 +67,40 @@ def sample_model():
 
 # Real mosquitto brokers on loopback (tests/brokerkit.py), started and stopped per test.
 from brokerfixtures import broker, secure_broker  # noqa: E402, F401
+
+AGENT_PROFILE = {
+    "name": "x86-64-int4-test", "description": "test: this host, IoT precision", "class": "iot",
+    "match": {"arch": ["x86_64", "aarch64"]},
+    "target": {"runtime": "llamacpp", "format": "gguf", "precision": "int4", "quant": "Q4_K_M",
+               "context": 1024, "threads": 2, "ram_budget_gb": 4.0},
+    "budget": {"max_ppl_increase_pct": 25.0},
+}
+
+
+@pytest.fixture(scope="session")
+def agent_bundles(tmp_path_factory, sample_model) -> dict[str, Path]:
+    """Signed bundles of the real sample for daemon tests: Q4_K_M v1 and v2, and a v3 that is
+    correctly signed but whose model does not load (the load check must roll it back)."""
+    from agent.profiles import DeviceProfile
+    from packager.build import build
+    from packager.cache import default_cache_dir
+    from packager.model import resolve_source
+
+    key = SigningKey.generate("daemon-tests")
+    d = tmp_path_factory.mktemp("agent-bundles")
+    cache = default_cache_dir()
+    model = resolve_source(str(sample_model.gguf), cache_dir=cache)
+    prof = DeviceProfile.from_dict(AGENT_PROFILE)
+    out: dict[str, Path] = {}
+    for v in (1, 2):
+        report = build(model, [prof], key, d / f"v{v}", cache_dir=cache, bundle_version=v)
+        out[f"v{v}"] = report.bundles[0].path
+    garbage = d / "garbage.gguf"
+    garbage.write_bytes(b"GGUF" + b"\0" * 4096)
+    entries = [FileEntry("model.gguf", *hash_file(garbage))]
+    m = make_manifest(entries, key, version=3, model=report.bundles[0].manifest.model_name)
+    out["broken_v3"] = d / "broken-v3.bundle"
+    write_bundle(out["broken_v3"], m, key, {"model.gguf": garbage})
+    out["keyring"] = d / "keyring.json"
+    out["keyring"].write_bytes(Keyring([key.public]).to_bytes())
+    return out
