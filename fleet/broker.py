@@ -1,6 +1,7 @@
-"""A real mosquitto for tests: started as a child on loopback ports, killable and restartable.
+"""A local mosquitto run as a child process: for the demo, development and the test suite.
 
-Never mocked: tests that need a broker get this one (see :mod:`brokerfixtures`). Facts it encodes
+The demo and the tests start a real broker with it (never a mock), on loopback ports, killable and
+restartable; production fleets point agents at their own MQTT 5 broker instead. Facts it encodes
 (DESIGN.md, tool facts): mosquitto does not start itself; as root it needs ``user root`` to write its
 persistence; ``set_tcp_nodelay true`` or a round trip costs 44–88 ms; ``max_queued_messages`` above
 the default 1000 or QoS 1 bursts are silently dropped; ``listener 0`` is not an ephemeral port, so we
@@ -26,6 +27,8 @@ import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
+
+from agent.errors import TransportError
 
 START_TIMEOUT = 10.0  # seconds for mosquitto to log "running"
 STOP_TIMEOUT = 10.0
@@ -143,7 +146,7 @@ class Broker:
                  controllers: tuple[str, ...] = (), tls: bool = False) -> None:
         binary = mosquitto_binary()
         if binary is None:
-            raise RuntimeError("mosquitto not found: apt-get install mosquitto")
+            raise TransportError("mosquitto not found: apt-get install mosquitto")
         self.binary = binary
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -164,7 +167,7 @@ class Broker:
     @property
     def tls_url(self) -> str:
         if self.tls_port is None:
-            raise RuntimeError("this broker has no TLS listener")
+            raise TransportError("this broker has no TLS listener")
         return f"mqtts://{HOST}:{self.tls_port}"
 
     def _write_config(self) -> None:
@@ -213,10 +216,10 @@ class Broker:
         """Start mosquitto and wait (bounded) for its "running" log line.
 
         Raises:
-            RuntimeError: it exited or did not log "running" within START_TIMEOUT (log attached).
+            TransportError: it exited or did not log "running" within START_TIMEOUT (log attached).
         """
         if self.proc is not None and self.proc.poll() is None:
-            raise RuntimeError("broker already running")
+            raise TransportError("broker already running")
         offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         out = (self.workdir / "stderr.log").open("ab")
         try:
@@ -232,7 +235,7 @@ class Broker:
                 break
             time.sleep(0.02)
         self.kill()
-        raise RuntimeError(f"mosquitto did not start:\n{self.log_tail()}")
+        raise TransportError(f"mosquitto did not start:\n{self.log_tail()}")
 
     def stop(self) -> None:
         """SIGTERM (mosquitto saves its persistence) and wait, escalating to SIGKILL."""
@@ -272,7 +275,7 @@ class Broker:
                 time.sleep(0.3)
                 return
             time.sleep(0.05)
-        raise RuntimeError(f"no persistence save within {timeout}s:\n{self.log_tail()}")
+        raise TransportError(f"no persistence save within {timeout}s:\n{self.log_tail()}")
 
     @property
     def running(self) -> bool:

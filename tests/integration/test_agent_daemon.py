@@ -7,10 +7,12 @@ down, broker restarts during an inference and an install, and a fuzz of malforme
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
 import secrets
+import socket
 import time
 from pathlib import Path
 
@@ -308,3 +310,65 @@ def test_fuzz_10000_malformed_commands_all_answered_no_crash(agent, host):
     assert agent.alive()
     status = call(host, "status", StatusRequest()).result
     assert status["counters"]["rejected"] >= 10_000
+
+
+# --- systemd and a locked-down broker ----------------------------------------------------------------
+
+
+def test_systemd_ready_status_watchdog_and_stopping(tmp_path, broker, agent_bundles, host):
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(1.0)
+    a = AgentProcess(tmp_path / "state", agent_bundles["keyring"], broker.url, device=DEV,
+                     env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1000000"})
+    got: list[str] = []
+
+    def until(pred, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not pred():
+            with contextlib.suppress(TimeoutError):
+                got.extend(sock.recv(4096).decode().splitlines())
+
+    try:
+        a.start()
+        until(lambda: "READY=1" in got and got.count("WATCHDOG=1") >= 2, 30)
+        assert "READY=1" in got, (got, a.tail())
+        assert any(x.startswith("STATUS=serving edgepack/v1/test/dev-a") for x in got), got
+        # READY only once the device is really online (the retained state is there).
+        assert host.wait_for(DEV, "state", lambda m: m["state"] == "online", timeout=5)
+        assert got.count("WATCHDOG=1") >= 2  # pinged from the main loop every 0.5 s
+        assert a.stop() == 0
+        until(lambda: "STOPPING=1" in got, 10)
+        assert "STOPPING=1" in got
+    finally:
+        a.stop()
+        sock.close()
+
+
+def test_device_over_tls_with_credentials_is_confined_to_its_subtree(tmp_path, secure_broker,
+                                                                     agent_bundles):
+    users, ca = secure_broker.users, str(secure_broker.ca_file)
+    host = Host(secure_broker.tls_url, username="controller", password=users["controller"],
+                ca_file=ca)
+    good = AgentProcess(tmp_path / "a", agent_bundles["keyring"], secure_broker.tls_url, device=DEV,
+                        env={"EDGEPACK_MQTT_USERNAME": DEV, "EDGEPACK_MQTT_PASSWORD": users[DEV],
+                             "EDGEPACK_MQTT_CA": ca})
+    # dev-b's credentials claiming to be dev-a: the ACL must keep it out of dev-a's subtree.
+    impostor = AgentProcess(tmp_path / "b", agent_bundles["keyring"], secure_broker.tls_url,
+                            device="dev-c", env={"EDGEPACK_MQTT_USERNAME": "dev-b",
+                                                 "EDGEPACK_MQTT_PASSWORD": users["dev-b"],
+                                                 "EDGEPACK_MQTT_CA": ca})
+    try:
+        good.start()
+        host.wait_for(DEV, "state", lambda m: m["state"] == "online", timeout=30)
+        reply = host.requests.call(DEV, "status", StatusRequest(), timeout=30)
+        assert reply.ok and reply.result["device"] == DEV
+        impostor.start()
+        time.sleep(3)
+        assert host.latest("dev-c", "state") is None  # its births were refused by the broker
+        assert host.latest("dev-c", "birth") is None
+    finally:
+        good.stop()
+        impostor.stop()
+        host.close()
