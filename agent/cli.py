@@ -430,6 +430,9 @@ def setup_logging(verbosity: int) -> None:
         lg.setLevel(level)
         if not lg.handlers:
             lg.addHandler(handler)
+    # Connects and disconnects are noise at the default level (they would interleave with
+    # streamed tokens); -vv shows them.
+    logging.getLogger("agent.transport").setLevel(level if verbosity >= 2 else logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

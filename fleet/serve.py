@@ -2,7 +2,10 @@
 
 Only plain file names directly inside the folder are served (no sub-folders, no hidden files,
 no symlinks, no ``..`` however it is encoded); everything else is 404. ``GET /`` lists the file
-names as plain text. One ``Range: bytes=...`` spec is honoured (``a-b``, ``a-``, ``-n``) with
+names as plain text; ``GET /index.json`` is ``{"bundles": [{"name", "size", "sha256"}, ...]}`` for
+the ``*.bundle`` files, so ``edgepack fleet install`` can name a bundle by URL alone (each file is
+hashed once and cached by name, mtime and size; a file named ``index.json`` is shadowed).
+One ``Range: bytes=...`` spec is honoured (``a-b``, ``a-``, ``-n``) with
 206 + ``Content-Range``; an unsatisfiable one gets 416; several ranges or a malformed header are
 ignored and the whole file is sent (RFC 9110 allows both). The server binds loopback unless told
 otherwise: exposing bundles to a network is a deliberate choice of ``host``.
@@ -16,7 +19,9 @@ bodies without a length (closing the connection to end them).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.server
+import json
 import logging
 import os
 import re
@@ -34,6 +39,7 @@ log = logging.getLogger("fleet.serve")
 __all__ = ["BundleServer", "ServedRequest"]
 
 CHUNK_BYTES = 1 << 20
+INDEX_PATH = "/index.json"
 CLIENT_TIMEOUT_S = 60.0  # a stalled client frees its thread after this
 _RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
 
@@ -80,6 +86,8 @@ class BundleServer:
         self.requests: list[ServedRequest] = []
         self._drop_after = drop_after_bytes  # armed until one response is cut
         self._lock = threading.Lock()
+        self._hash_lock = threading.Lock()  # serializes hashing: one pass per file, not per request
+        self._hashes: dict[str, tuple[int, int, str]] = {}  # name -> (mtime_ns, size, sha256)
         self._recorded = threading.Condition(self._lock)
         self._httpd = _Server((host, port), _Handler, self)
         self._thread: threading.Thread | None = None
@@ -171,6 +179,50 @@ class BundleServer:
                        if not p.name.startswith(".") and p.is_file() and not p.is_symlink())
         return "".join(f"{n}\n" for n in names).encode()
 
+    def bundle_names(self) -> list[str]:
+        """The ``*.bundle`` files that are served (hidden files and symlinks are not), sorted."""
+        return sorted(p.name for p in self.directory.glob("*.bundle")
+                      if self._resolve("/" + urllib.parse.quote(p.name)) is not None)
+
+    def bundle_index(self) -> dict[str, list[dict[str, object]]]:
+        """The ``*.bundle`` files served here with their size and sha256 (what ``/index.json`` says).
+
+        Returns:
+            ``{"bundles": [{"name", "size", "sha256"}, ...]}`` sorted by name; a file that vanishes
+            while being listed is left out.
+        """
+        out: list[dict[str, object]] = []
+        with self._hash_lock:
+            seen: set[str] = set()
+            for name in self.bundle_names():
+                try:
+                    size, digest = self._hash_cached(self.directory / name)
+                except OSError:  # tolerated: removed or replaced while listing; the next GET sees it
+                    continue
+                seen.add(name)
+                out.append({"name": name, "size": size, "sha256": digest})
+            for gone in set(self._hashes) - seen:
+                del self._hashes[gone]
+        return {"bundles": out}
+
+    def _hash_cached(self, path: Path) -> tuple[int, str]:
+        """(size, sha256) of ``path``, hashed again only when its mtime or size changed."""
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            hit = self._hashes.get(path.name)
+            if hit is not None and hit[:2] == (st.st_mtime_ns, st.st_size):
+                return st.st_size, hit[2]
+            h = hashlib.sha256()
+            size = 0
+            while chunk := f.read(CHUNK_BYTES):
+                h.update(chunk)
+                size += len(chunk)
+            after = os.fstat(f.fileno())
+        # A file still being written must not be cached under a hash of half of it.
+        if (after.st_mtime_ns, after.st_size) == (st.st_mtime_ns, size):
+            self._hashes[path.name] = (st.st_mtime_ns, size, h.hexdigest())
+        return size, h.hexdigest()
+
 
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True  # a stuck client must not block stop()
@@ -206,6 +258,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if urllib.parse.urlsplit(self.path).path == "/":
                 status = 200
                 sent = self._send_bytes(owner._index(), "text/plain; charset=utf-8", body)
+                return
+            if urllib.parse.urlsplit(self.path).path == INDEX_PATH:
+                status = 200
+                data = json.dumps(owner.bundle_index(), separators=(",", ":")).encode()
+                sent = self._send_bytes(data, "application/json", body)
                 return
             path = owner._resolve(self.path)
             if path is None:

@@ -345,7 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_bundle_verify)
 
-    s = sub.add_parser("demo", help="sample model -> bundle for this host -> install -> answer")
+    from fleet.cli import add_commands as add_fleet_commands
+
+    add_fleet_commands(sub)  # fleet devices|status|probe|install|infer|rollback|cancel, serve
+
+    s = sub.add_parser("demo", help="sample -> bundle -> broker + agent -> install and infer over MQTT")
     s.add_argument("--prompt", default="The three things every hiker should carry are")
     s.add_argument("--state-dir", help="agent state folder (default: CACHE/demo/state)")
     s.set_defaults(func=cmd_demo)
