@@ -372,3 +372,21 @@ def test_device_over_tls_with_credentials_is_confined_to_its_subtree(tmp_path, s
         good.stop()
         impostor.stop()
         host.close()
+
+
+def test_install_while_serving_finishes_the_running_request_first(agent, host, server, agent_bundles):
+    installed(host, server, agent_bundles["v1"])
+    long = InferRequest(prompt="Write about the history of bridges.", max_tokens=150, temperature=0.0)
+    with host.requests.request(DEV, "infer", long, timeout=120) as gen:
+        first = InferChunk.from_bytes(gen.get().payload)
+        assert not first.done
+        with host.requests.request(DEV, "install", install_req(server, agent_bundles["v2"]),
+                                   timeout=180) as inst:
+            chunks = [first]
+            while not chunks[-1].done:
+                chunks.append(InferChunk.from_bytes(gen.get().payload))
+            reply = Reply.from_bytes(inst.get().payload)
+    # The running generation was not cut off by the swap, and the install then went through.
+    assert not chunks[-1].error and chunks[-1].usage["completion_tokens"] == 150
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    assert reply.ok and reply.result["installed"]["version"] == 2
