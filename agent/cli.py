@@ -126,7 +126,7 @@ def _runtime_for(bundle, threads: int | None = None):  # -> (Runtime, LoadOption
         context=int(gen.get("context", 2048)),
         threads=int(threads if threads is not None else gen.get("threads", 0)),
         chat_template=gen.get("chat_template") or None,
-        device=bundle.manifest.target.device if bundle.manifest.target.device != "cpu" else "cpu",
+        device=bundle.manifest.target.device,
     )
     return rt_cls(), opts
 
@@ -439,6 +439,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the agent CLI; returns the exit code (0 ok, 1 edgepack error, 2 usage)."""
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    return dispatch(args)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run the parsed command; an EdgepackError is printed with its hint and gives exit code 1."""
     try:
         return int(args.func(args))
     except EdgepackError as e:

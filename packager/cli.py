@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
-from agent.cli import setup_logging
+from agent.cli import dispatch, setup_logging
 from agent.errors import EdgepackError, KeyringError, ProfileError
 
 log = logging.getLogger("packager")
@@ -360,16 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the host CLI; returns the exit code (0 ok, 1 edgepack error, 2 usage)."""
     args = build_parser().parse_args(argv)
     setup_logging(0 if args.quiet else args.verbose)
-    try:
-        return int(args.func(args))
-    except EdgepackError as e:
-        _err(f"error: {e}")
-        if e.diagnostics():
-            _err(f"hint: {e.diagnostics()}")
-        return 1
-    except KeyboardInterrupt:
-        _err("interrupted")
-        return 130
+    return dispatch(args)
 
 
 if __name__ == "__main__":
