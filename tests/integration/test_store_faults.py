@@ -49,23 +49,26 @@ def test_sigkill_at_any_point_of_an_install_leaves_old_or_new_whole(tmp_path, ag
     Store(base, _keyring(agent_bundles)).install(agent_bundles["v1"])
     outcomes = []
     # From "still verifying" through "staging", "switched, load check running" to "committed".
-    for delay in (0.05, 0.15, 0.3, 0.5, 0.8, 1.2, 1.6, 2.0, 2.5, 10.0):
+    for delay in (0.05, 0.15, 0.3, 0.5, 0.8, 1.2, 1.6, 2.0, 2.5, 3.5, None):
         state = tmp_path / f"s{delay}"
         shutil.copytree(base, state)
         p = subprocess.Popen([AGENT, "--state-dir", str(state), "--keyring",
                               str(agent_bundles["keyring"]), "install", str(agent_bundles["v2"])],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
-        p.send_signal(signal.SIGKILL)
-        p.wait(timeout=10)
+        if delay is None:  # the control: the same install, not interrupted, commits v2
+            assert p.wait(timeout=300) == 0
+        else:
+            time.sleep(delay)
+            p.send_signal(signal.SIGKILL)
+            p.wait(timeout=10)
         store = Store(state, _keyring(agent_bundles))  # a restart: recovery runs here
         v = assert_whole(store, {1, 2})
         outcomes.append((delay, v, store.recovered is not None))
         if v == 1:
             # The interrupted install can simply be retried.
             assert store.install(agent_bundles["v2"]).bundle.manifest.version == 2
-    # The kill points really spanned the install: some left v1, the last ones finished v2.
-    assert {v for _, v, _ in outcomes} == {1, 2}, outcomes
+    # Early kills leave v1 (later ones may too on a loaded machine); the uninterrupted run commits.
+    assert outcomes[0][1] == 1 and outcomes[-1][1] == 2, outcomes
 
 
 @pytest.fixture

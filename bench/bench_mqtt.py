@@ -1,0 +1,695 @@
+"""The agent over MQTT vs raw baselines on the same machine and the same mosquitto (loopback).
+
+1. Decode tok/s of inference streamed through MQTT (host-side arrival times of the chunks) vs raw
+   llama-cpp-python on the very file the agent serves, 2 threads, same prompts, greedy, same
+   repeat penalty; the raw side is its own long-lived process with the model resident (as the
+   agent's is). Target ratio >= 0.97.
+2. TTFT over MQTT (host publish -> first chunk arrival) minus raw TTFT (call -> first token).
+   Target <= 10 ms.
+3. ``status`` round trip (RequestClient.call) vs a bare paho v2 request/response (echo responder
+   in its own process, TCP_NODELAY on both ends, QoS 1): p50 / p99 over the same count.
+4. Idle agent (empty state dir): RSS (psutil and its own health ``rss_bytes``), targets <= 35 MB;
+   process start -> retained ``state`` = online seen by a host subscriber, target <= 0.5 s; both
+   next to a bare paho "agent" (paho + psutil + cryptography imported, connect, publish online).
+
+Runs alternate between our side and the baseline; medians are reported. Everything listens on
+127.0.0.1; every wait is bounded; all processes and temp dirs are cleaned up.
+
+Usage: .venv/bin/python bench/bench_mqtt.py [--runs 7] [--calls 500] [--starts 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import secrets
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "tests"))
+from bench_install import make_bundle  # noqa: E402
+from machine import median, write  # noqa: E402
+
+THREADS = 2
+MAX_TOKENS = 128
+REPEAT_PENALTY = 1.15
+FLEET = "bench"
+BASE_PROMPT = ("Write a short story about a lighthouse keeper who finds a message in a bottle. "
+               "Once upon a time")
+# A different opening word per run: the prompt-prefix cache of llama-cpp-python (on both sides)
+# cannot skip the prompt evaluation, so TTFT includes it every time.
+OPENERS = ["Story", "Tale", "Fable", "Legend", "Chapter", "Episode", "Draft", "Sketch", "Scene",
+           "Account", "Memoir", "Yarn"]
+
+# The raw side: llama-cpp-python with the model resident; one JSON request per stdin line.
+RAW = r"""
+import json, sys, time
+from llama_cpp import Llama
+path, threads, n_ctx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    req = json.loads(line)
+    t0 = time.perf_counter(); first = last = None; count = 0; text = []
+    for chunk in llm.create_completion(req["prompt"], max_tokens=req["n"], temperature=0.0,
+                                       repeat_penalty=req["repeat_penalty"], stream=True):
+        now = time.perf_counter()
+        piece = chunk["choices"][0]["text"]
+        if not piece:
+            continue
+        if first is None:
+            first = now
+        last = now; count += 1; text.append(piece)
+    print(json.dumps({"chunks": count, "ttft_ms": (first - t0) * 1000,
+                      "decode_tok_s": (count - 1) / (last - first) if count > 1 else 0.0,
+                      "text": "".join(text)}), flush=True)
+"""
+
+# The bare paho responder: echoes each request to its Response Topic with its Correlation Data.
+RESPONDER = r"""
+import socket, sys
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+host, port, topic = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+def on_socket_open(c, u, sock):
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def on_connect(c, u, flags, rc, props):
+    c.subscribe(topic, qos=1)
+def on_subscribe(c, u, mid, rcs, props):
+    print("ready", flush=True)
+def on_message(c, u, m):
+    p = Properties(PacketTypes.PUBLISH)
+    p.CorrelationData = m.properties.CorrelationData
+    c.publish(m.properties.ResponseTopic, m.payload, qos=1, properties=p)
+c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bare-responder",
+                protocol=MQTTProtocolVersion.MQTTv5)
+c.on_socket_open = on_socket_open; c.on_connect = on_connect
+c.on_subscribe = on_subscribe; c.on_message = on_message
+c.connect(host, port)
+c.loop_forever()
+"""
+
+# The bare "agent" for the footprint baseline: what DESIGN.md calls the floor (CPython + paho +
+# psutil + cryptography imported), connects with a will and publishes retained state=online.
+BARE_AGENT = r"""
+import json, socket, sys, time
+import paho.mqtt.client as mqtt
+import psutil
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+host, port, topic = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=topic.split("/")[3],
+                protocol=MQTTProtocolVersion.MQTTv5)
+c.on_socket_open = lambda c, u, s: s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+c.will_set(topic, json.dumps({"state": "lost", "schema": 1}), qos=1, retain=True)
+def on_connect(c, u, flags, rc, props):
+    c.publish(topic, json.dumps({"state": "online", "ts": time.time(), "schema": 1}), qos=1, retain=True)
+c.on_connect = on_connect
+c.connect(host, port)
+c.loop_forever()
+"""
+
+RSS_STEPS = r"""
+import importlib, json, psutil, sys
+p = psutil.Process()
+out = [["python + psutil", p.memory_info().rss]]
+for mod in sys.argv[1:]:
+    importlib.import_module(mod)
+    out.append(["+ " + mod, p.memory_info().rss])
+print(json.dumps(out))
+"""
+
+
+def cpu_s(p: Any) -> float:
+    t = p.cpu_times()
+    return float(t.user + t.system)
+
+
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    if not s:
+        return float("nan")
+    k = (len(s) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    """One stdout line of a child, bounded in time."""
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    try:
+        if not sel.select(timeout):
+            raise TimeoutError(f"no output from child within {timeout}s")
+        line = proc.stdout.readline()
+    finally:
+        sel.close()
+    if not line:
+        raise RuntimeError(f"child exited (rc={proc.poll()})")
+    return line
+
+
+def end(proc: subprocess.Popen[Any] | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+# --- 1 + 2: streamed inference --------------------------------------------------------------------
+
+
+class RawServer:
+    def __init__(self, model: Path, n_ctx: int) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", RAW, str(model), str(THREADS), str(n_ctx)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        json.loads(read_line(self.proc, 120))
+
+    def run(self, prompt: str, n: int) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"prompt": prompt, "n": n, "repeat_penalty": REPEAT_PENALTY})
+                              + "\n")
+        self.proc.stdin.flush()
+        return json.loads(read_line(self.proc, 300))
+
+
+def run_ours(requests: Any, device: str, prompt: str, n: int) -> dict[str, Any]:
+    from agent.protocol import InferRequest
+
+    req = InferRequest(prompt, max_tokens=n, temperature=0.0, repeat_penalty=REPEAT_PENALTY,
+                       request_id=secrets.token_hex(6))
+    times: list[float] = []
+    text: list[str] = []
+    usage: dict[str, Any] | None = None
+    t0 = time.perf_counter()
+    for c in requests.stream(device, req, timeout=120):
+        now = time.perf_counter()
+        if c.error:
+            raise RuntimeError(f"inference failed: {c.error}")
+        if c.text:
+            times.append(now)
+            text.append(c.text)
+        if c.done:
+            usage = c.usage
+    if not times:
+        raise RuntimeError("no chunks")
+    n_chunks = len(times)
+    return {"chunks": n_chunks, "ttft_ms": (times[0] - t0) * 1000,
+            "decode_tok_s": (n_chunks - 1) / (times[-1] - times[0]) if n_chunks > 1 else 0.0,
+            "agent_usage": usage, "text": "".join(text)}
+
+
+# --- 3: round trips ------------------------------------------------------------------------------
+
+
+class BareRequester:
+    """A bare paho v2 client: publish with Response Topic + Correlation Data, wait for the echo."""
+
+    def __init__(self, host: str, port: int, request_topic: str) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+        self.request_topic = request_topic
+        self.reply_topic = f"bare/reply/{secrets.token_hex(4)}"
+        self.got = threading.Event()
+        self.want = b""
+        self.subscribed = threading.Event()
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bare-req-{secrets.token_hex(4)}",
+                        protocol=MQTTProtocolVersion.MQTTv5)
+        c.on_socket_open = lambda cl, u, s: s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c.on_connect = lambda cl, u, f, rc, p: cl.subscribe(self.reply_topic, qos=1)
+        c.on_subscribe = lambda cl, u, mid, rcs, p: self.subscribed.set()
+        c.on_message = self._on_message
+        c.connect(host, port)
+        c.loop_start()
+        self.client = c
+        if not self.subscribed.wait(10):
+            raise TimeoutError("bare requester did not subscribe")
+
+    def _on_message(self, client: Any, userdata: Any, m: Any) -> None:
+        if bytes(getattr(m.properties, "CorrelationData", b"")) == self.want:
+            self.got.set()
+
+    def call(self, payload: bytes = b"{}") -> None:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        self.got.clear()
+        self.want = secrets.token_bytes(16)
+        p = Properties(PacketTypes.PUBLISH)
+        p.ResponseTopic = self.reply_topic
+        p.CorrelationData = self.want
+        self.client.publish(self.request_topic, payload, qos=1, properties=p)
+        if not self.got.wait(10):
+            raise TimeoutError("no echo within 10 s")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+# --- 4: footprint and start-up -------------------------------------------------------------------
+
+
+class StateWatch:
+    """Host subscriber on the fleet's retained ``state`` topics: arrival time of each state."""
+
+    def __init__(self, broker_url: str) -> None:
+        from agent.protocol import fleet_filter
+        from agent.transport.mqtt import MqttTransport
+
+        self.seen: dict[tuple[str, str], float] = {}
+        self.health: dict[str, list[dict[str, Any]]] = {}
+        self.cond = threading.Condition()
+        self.t = MqttTransport(broker_url, f"watch-{secrets.token_hex(4)}", session_expiry=0)
+        self.t.subscribe(fleet_filter(FLEET, "state"), handler=self._on_state)
+        self.t.subscribe(fleet_filter(FLEET, "health"), handler=self._on_health)
+        self.t.start()
+        self.t.wait_connected(10)
+        time.sleep(0.3)  # SUBACKs in
+
+    def _on_state(self, msg: Any) -> None:
+        now = time.perf_counter()
+        if not msg.payload:
+            return
+        state = json.loads(msg.payload).get("state")
+        with self.cond:
+            self.seen.setdefault((msg.topic.split("/")[3], state), now)
+            self.cond.notify_all()
+
+    def _on_health(self, msg: Any) -> None:
+        if not msg.payload:
+            return
+        with self.cond:
+            self.health.setdefault(msg.topic.split("/")[3], []).append(json.loads(msg.payload))
+            self.cond.notify_all()
+
+    def wait(self, pred: Any, timeout: float) -> None:
+        with self.cond:
+            if not self.cond.wait_for(pred, timeout):
+                raise TimeoutError("condition not met in time")
+
+    def close(self) -> None:
+        self.t.stop()
+
+
+def mem_of(pid: int) -> tuple[float, float]:
+    """(RSS, USS) in MiB: USS is the memory private to the process (no shared library pages)."""
+    import psutil
+
+    mi = psutil.Process(pid).memory_full_info()
+    return mi.rss / 2**20, mi.uss / 2**20
+
+
+def import_profile(stmt: str, top: int = 15) -> tuple[float, list[tuple[str, int, float]]]:
+    """Total import time (ms) and the heaviest imports at any depth: (module, depth, cumulative ms).
+
+    Cumulative times nest (a parent includes its children)."""
+    r = subprocess.run([sys.executable, "-X", "importtime", "-c", stmt], capture_output=True,
+                       text=True, check=True, cwd=ROOT, timeout=120)
+    rows = []
+    total = 0.0
+    for line in r.stderr.splitlines():
+        m = re.match(r"import time:\s+(\d+)\s+\|\s+(\d+)\s+\|( *)(\S+)", line)
+        if not m:
+            continue
+        depth = (len(m.group(3)) - 1) // 2
+        ms = int(m.group(2)) / 1000
+        if depth == 0:
+            total += ms
+        rows.append((m.group(4), depth, ms))
+    return total, sorted(rows, key=lambda x: -x[2])[:top]
+
+
+def rss_steps() -> list[tuple[str, float]]:
+    mods = ["paho.mqtt.client", "cryptography.hazmat.primitives.asymmetric.ed25519", "agent.protocol",
+            "agent.transport.mqtt", "agent.bundle", "agent.profiles", "agent.store", "agent.cli",
+            "agent.daemon", "agent.probe"]
+    r = subprocess.run([sys.executable, "-c", RSS_STEPS, *mods], capture_output=True, text=True,
+                       check=True, cwd=ROOT, timeout=120)
+    return [(n, b / 2**20) for n, b in json.loads(r.stdout)]
+
+
+def python_startup_ms(n: int = 5) -> float:
+    xs = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=True, timeout=30)
+        xs.append((time.perf_counter() - t0) * 1000)
+    return median(xs)
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=7, help="inference runs per side")
+    ap.add_argument("--calls", type=int, default=500, help="round trips per side")
+    ap.add_argument("--starts", type=int, default=5, help="cold starts per side")
+    args = ap.parse_args()
+    runs = max(1, min(args.runs, len(OPENERS) - 1))
+
+    from agentkit import AgentProcess, Host
+    from brokerkit import HOST, Broker
+
+    from agent.bundle import Keyring
+    from agent.protocol import StatusRequest, Topics
+    from agent.store import Store
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+    work = Path(tempfile.mkdtemp(prefix="edgepack-bench-mqtt-"))
+    broker: Broker | None = None
+    agent: AgentProcess | None = None
+    host: Host | None = None
+    raw: RawServer | None = None
+    responder: subprocess.Popen[str] | None = None
+    bare: BareRequester | None = None
+    watch: StateWatch | None = None
+    others: list[Any] = []
+    try:
+        bundle, ring = make_bundle(work)
+        state = work / "agent" / "state"
+        installed = Store(state, Keyring.from_bytes(ring.read_bytes())).install(bundle).bundle
+        model = installed.entrypoint  # state/slots/<digest>/payload/model.gguf: what the agent loads
+        n_ctx = int(installed.manifest.generation.get("context", 2048))
+        broker = Broker(work / "broker").start()
+        port = broker.port
+
+        # --- 1 + 2 ----------------------------------------------------------------------------
+        print("inference: starting agent and raw server", flush=True)
+        agent = AgentProcess(state, ring, broker.url, device="dev-infer", fleet=FLEET,
+                             extra=("--threads", str(THREADS), "--health-interval", "10")).start()
+        host = Host(broker.url, FLEET)
+        host.wait_for("dev-infer", "state", lambda m: m["state"] == "online", timeout=30)
+        raw = RawServer(model, n_ctx)
+        # Warm-up: the agent loads its model lazily on the first request; both warm their caches.
+        run_ours(host.requests, "dev-infer", f"{OPENERS[-1]}: {BASE_PROMPT}", 16)
+        raw.run(f"{OPENERS[-1]}: {BASE_PROMPT}", 16)
+        import psutil
+
+        # CPU time per process over each run: where the cycles of a streamed generation go.
+        procs = {"agent": psutil.Process(agent.proc.pid), "raw": psutil.Process(raw.proc.pid),
+                 "broker": psutil.Process(broker.proc.pid), "host": psutil.Process()}
+        ours_inf: list[dict[str, Any]] = []
+        raw_inf: list[dict[str, Any]] = []
+        for i in range(runs):
+            prompt = f"{OPENERS[i]}: {BASE_PROMPT}"
+            pair = [("raw", raw.run), ("ours", lambda p, n: run_ours(host.requests, "dev-infer", p, n))]
+            if i % 2:
+                pair.reverse()
+            for side, fn in pair:
+                before = {k: cpu_s(q) for k, q in procs.items()}
+                r = fn(prompt, MAX_TOKENS)
+                r["cpu_ms"] = {k: (cpu_s(q) - before[k]) * 1000 for k, q in procs.items()}
+                (raw_inf if side == "raw" else ours_inf).append(r)
+                print(f"  run {i} {side}: {r['decode_tok_s']:.1f} tok/s, TTFT {r['ttft_ms']:.1f} ms, "
+                      f"{r['chunks']} chunks", flush=True)
+        same_text = sum(o["text"] == r["text"] for o, r in zip(ours_inf, raw_inf, strict=True))
+        end(raw.proc)
+        raw = None
+
+        # --- 3 ----------------------------------------------------------------------------------
+        print("round trips", flush=True)
+        bare_topic = f"bare/{secrets.token_hex(4)}/cmd"
+        responder = subprocess.Popen([sys.executable, "-c", RESPONDER, HOST, str(port), bare_topic],
+                                     stdout=subprocess.PIPE, text=True)
+        read_line(responder, 15)
+        bare = BareRequester(HOST, port, bare_topic)
+        status_payload = StatusRequest()
+        for _ in range(20):  # warm-up
+            host.requests.call("dev-infer", "status", status_payload, timeout=10)
+            bare.call()
+        ours_rtt: list[float] = []
+        bare_rtt: list[float] = []
+        block = 50
+        for b in range((args.calls + block - 1) // block):
+            n = min(block, args.calls - b * block)
+            order = ["ours", "bare"] if b % 2 == 0 else ["bare", "ours"]
+            for side in order:
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    if side == "ours":
+                        rep = host.requests.call("dev-infer", "status", status_payload, timeout=10)
+                        if not rep.ok:
+                            raise RuntimeError(f"status failed: {rep.error}")
+                        ours_rtt.append((time.perf_counter() - t0) * 1000)
+                    else:
+                        bare.call()
+                        bare_rtt.append((time.perf_counter() - t0) * 1000)
+        bare.close()
+        bare = None
+        end(responder)
+        responder = None
+        host.close()
+        host = None
+        agent.stop()
+        agent = None
+
+        # --- 4 ----------------------------------------------------------------------------------
+        print("idle footprint and start-up", flush=True)
+        watch = StateWatch(broker.url)
+        starts: list[dict[str, Any]] = []
+        bare_starts: list[dict[str, Any]] = []
+        for i in range(args.starts):
+            for side in (["bare", "ours"] if i % 2 == 0 else ["ours", "bare"]):
+                dev = f"{side}-s{i}"
+                if side == "ours":
+                    d = work / f"idle{i}"
+                    d.mkdir()
+                    a = AgentProcess(d / "state", ring, broker.url, device=dev, fleet=FLEET,
+                                     extra=("--health-interval", "1"))
+                    others.append(a)
+                    t0 = time.perf_counter()
+                    a.start()
+                    assert a.proc is not None
+                    proc = a.proc
+                else:
+                    t0 = time.perf_counter()
+                    proc = subprocess.Popen([sys.executable, "-c", BARE_AGENT, HOST, str(port),
+                                             Topics(FLEET, dev).state])
+                    others.append(proc)
+                watch.wait(lambda dev=dev: (dev, "online") in watch.seen, 30)
+                online_s = watch.seen[(dev, "online")] - t0
+                row: dict[str, Any] = {"device": dev, "start_to_online_s": online_s}
+                if side == "ours":
+                    watch.wait(lambda dev=dev: len(watch.health.get(dev, [])) >= 3, 30)
+                    row["rss_mb_psutil"], row["uss_mb_psutil"] = mem_of(proc.pid)
+                    row["rss_mb_health"] = watch.health[dev][-1]["rss_bytes"] / 2**20
+                    a.stop()
+                    starts.append(row)
+                else:
+                    time.sleep(1.5)  # as idle as the agent's sample
+                    row["rss_mb_psutil"], row["uss_mb_psutil"] = mem_of(proc.pid)
+                    end(proc)
+                    bare_starts.append(row)
+                print(f"  {dev}: online after {online_s * 1000:.0f} ms, "
+                      f"RSS {row['rss_mb_psutil']:.1f} MB", flush=True)
+        watch.close()
+        watch = None
+
+        imp_total, imp_top = import_profile(
+            "import agent.cli, agent.daemon, agent.probe, agent.profiles, psutil")
+        imp_daemon, _ = import_profile("import agent.daemon")
+        steps = rss_steps()
+        py_ms = python_startup_ms()
+
+        # --- results ------------------------------------------------------------------------------
+        o_tps = median([r["decode_tok_s"] for r in ours_inf])
+        r_tps = median([r["decode_tok_s"] for r in raw_inf])
+        o_ttft = median([r["ttft_ms"] for r in ours_inf])
+        r_ttft = median([r["ttft_ms"] for r in raw_inf])
+        ttft_delta = median([o["ttft_ms"] - r["ttft_ms"] for o, r in zip(ours_inf, raw_inf, strict=True)])
+        agent_side_ttft = median([float((r["agent_usage"] or {}).get("ttft_ms", float("nan")))
+                                  for r in ours_inf])
+        def per_tok(rows: list[dict[str, Any]], key: str) -> float:
+            return median([r["cpu_ms"][key] / max(1, r["chunks"]) for r in rows])
+
+        cpu = {"agent_ms_per_token": per_tok(ours_inf, "agent"),
+               "raw_ms_per_token": per_tok(raw_inf, "raw"),
+               "broker_ms_per_token_ours": per_tok(ours_inf, "broker"),
+               "host_ms_per_token_ours": per_tok(ours_inf, "host")}
+        cpu["agent_extra_ms_per_token"] = cpu["agent_ms_per_token"] - cpu["raw_ms_per_token"]
+        agent_tps = median([float((r["agent_usage"] or {}).get("decode_tok_s", float("nan")))
+                            for r in ours_inf])
+        o50, o99 = pct(ours_rtt, 0.5), pct(ours_rtt, 0.99)
+        b50, b99 = pct(bare_rtt, 0.5), pct(bare_rtt, 0.99)
+        rss_ps = median([s["rss_mb_psutil"] for s in starts])
+        rss_h = median([s["rss_mb_health"] for s in starts])
+        bare_rss = median([s["rss_mb_psutil"] for s in bare_starts])
+        uss = median([s["uss_mb_psutil"] for s in starts])
+        bare_uss = median([s["uss_mb_psutil"] for s in bare_starts])
+        up = median([s["start_to_online_s"] for s in starts])
+        bare_up = median([s["start_to_online_s"] for s in bare_starts])
+        targets = {
+            "decode_ratio_ge_0.97": o_tps / r_tps >= 0.97,
+            "ttft_overhead_le_10ms": ttft_delta <= 10.0,
+            "idle_rss_le_35MB": rss_ps <= 35.0,
+            "start_to_online_le_0.5s": up <= 0.5,
+        }
+        for r in ours_inf + raw_inf:
+            r.pop("text", None)
+        result = {
+            "benchmark": "mqtt_agent_vs_raw",
+            "model": "gemma-3-270m Q4_K_M (sample)", "threads": THREADS, "max_tokens": MAX_TOKENS,
+            "repeat_penalty": REPEAT_PENALTY, "runs": runs, "n_ctx": n_ctx,
+            "inference": {"ours": ours_inf, "raw": raw_inf,
+                          "ours_decode_tok_s_median": o_tps, "raw_decode_tok_s_median": r_tps,
+                          "ratio_decode": o_tps / r_tps,
+                          "ours_ttft_ms_median": o_ttft, "raw_ttft_ms_median": r_ttft,
+                          "ttft_overhead_ms_median_of_pairs": ttft_delta,
+                          "agent_reported_ttft_ms_median": agent_side_ttft,
+                          "identical_text_runs": same_text,
+                          "agent_reported_decode_tok_s_median": agent_tps, "cpu": cpu},
+            "round_trip": {"calls": len(ours_rtt), "ours_p50_ms": o50, "ours_p99_ms": o99,
+                           "bare_p50_ms": b50, "bare_p99_ms": b99,
+                           "ratio_p50": o50 / b50, "ratio_p99": o99 / b99},
+            "idle": {"starts": starts, "bare_starts": bare_starts,
+                     "rss_mb_psutil_median": rss_ps, "rss_mb_health_median": rss_h,
+                     "bare_rss_mb_median": bare_rss, "uss_mb_median": uss,
+                     "bare_uss_mb_median": bare_uss,
+                     "start_to_online_s_median": up, "bare_start_to_online_s_median": bare_up,
+                     "python_startup_ms": py_ms,
+                     "import_ms_run_path": imp_total, "import_ms_agent_daemon": imp_daemon,
+                     "import_top_ms": imp_top, "rss_steps_mb": steps},
+            "targets": {"decode_ratio": ">= 0.97", "ttft_overhead_ms": "<= 10",
+                        "idle_rss_mb": "<= 35", "start_to_online_s": "<= 0.5"},
+            "met": targets,
+        }
+
+        def ok(flag: bool) -> str:
+            return "met" if flag else "**missed**"
+
+        md = [
+            "# The agent over MQTT vs raw baselines (mosquitto on loopback)\n",
+            "| measure | edgepack agent | raw baseline | ratio / delta | target | |",
+            "|---|---:|---:|---:|---|---|",
+            f"| decode tok/s, streamed over MQTT (median) | {o_tps:.1f} | {r_tps:.1f} (llama-cpp-python) "
+            f"| {o_tps / r_tps:.3f} | >= 0.97 | {ok(targets['decode_ratio_ge_0.97'])} |",
+            f"| TTFT ms (median) | {o_ttft:.1f} | {r_ttft:.1f} | +{ttft_delta:.1f} ms (median of pairs) "
+            f"| <= +10 ms | {ok(targets['ttft_overhead_le_10ms'])} |",
+            f"| `status` round trip p50 ms | {o50:.2f} | {b50:.2f} (bare paho echo) | {o50 / b50:.2f}x | | |",
+            f"| `status` round trip p99 ms | {o99:.2f} | {b99:.2f} | {o99 / b99:.2f}x | | |",
+            f"| idle RSS MB, psutil (median) | {rss_ps:.1f} (health msg: {rss_h:.1f}) | {bare_rss:.1f} "
+            f"(bare paho+psutil+cryptography) | +{rss_ps - bare_rss:.1f} MB | <= 35 MB "
+            f"| {ok(targets['idle_rss_le_35MB'])} |",
+            f"| idle USS MB (private memory, median) | {uss:.1f} | {bare_uss:.1f} | "
+            f"+{uss - bare_uss:.1f} MB | | |",
+            f"| process start -> retained `online` s (median) | {up:.3f} | {bare_up:.3f} | "
+            f"+{(up - bare_up) * 1000:.0f} ms | <= 0.5 s | {ok(targets['start_to_online_le_0.5s'])} |",
+            "",
+            f"Inference: the same installed file (`state/slots/*/payload/model.gguf`), {THREADS} threads, "
+            f"n_ctx {n_ctx}, greedy, repeat_penalty {REPEAT_PENALTY}, {MAX_TOKENS} max tokens, {runs} "
+            "alternating runs (one prompt per run, the same on both sides, each opening with a different "
+            "word so the prompt-prefix cache never skips the prompt). Both models stay resident in their "
+            "own processes and never generate at the same time. tok/s = (chunks - 1) / (last - first "
+            "chunk arrival), measured on the host for the agent and in-process for raw "
+            f"`create_completion(stream=True)`. Identical text on {same_text}/{runs} runs. The agent's own "
+            f"usage TTFT (inside the device) median: {agent_side_ttft:.1f} ms; its own decode tok/s "
+            f"(inside the device) median: {agent_tps:.1f}.",
+            "",
+            "CPU time per generated token (median over runs, all processes on the same 2 cores): "
+            f"agent process {cpu['agent_ms_per_token']:.2f} ms vs raw process {cpu['raw_ms_per_token']:.2f} ms "
+            f"(agent extra {cpu['agent_extra_ms_per_token']:+.2f} ms); mosquitto "
+            f"{cpu['broker_ms_per_token_ours']:.2f} ms; host client {cpu['host_ms_per_token_ours']:.2f} ms.",
+            "",
+            f"Round trips: {len(ours_rtt)} sequential calls per side, in alternating blocks of {block}, "
+            "QoS 1 both ways, TCP_NODELAY on broker and clients. Ours = `RequestClient.call(status)` "
+            "against the agent (the reply is the status JSON, read from the store); bare = paho v2 "
+            "publish with Response Topic + Correlation Data to a paho echo process.",
+            "",
+            f"Idle: {len(starts)} fresh agents with an empty state dir, health every 1 s; RSS read after "
+            "three health messages. Start-up = `Popen` -> retained `state` = online arriving at a host "
+            "subscriber that was already subscribed. The bare baseline imports paho, psutil and "
+            "cryptography (Ed25519), connects with a will and publishes retained online.",
+            "",
+            f"Python interpreter start (`python -c pass`): {py_ms:.0f} ms. Imports on the agent's `run` path "
+            f"(`agent.cli, agent.daemon, agent.probe, agent.profiles, psutil`): {imp_total:.0f} ms; "
+            f"`import agent.daemon` alone: {imp_daemon:.0f} ms. Top-level contributors (`-X importtime`, "
+            "cumulative ms, nested: a module includes what it imports; depth 0 = imported by the statement):",
+            "",
+            "| module | depth | cumulative ms |", "|---|---:|---:|",
+            *[f"| `{n}` | {d} | {ms:.1f} |" for n, d, ms in imp_top],
+            "",
+            "RSS as modules are imported (one process, cumulative):",
+            "",
+            "| step | RSS MB |", "|---|---:|",
+            *[f"| {n} | {mb:.1f} |" for n, mb in steps],
+        ]
+        step = dict(steps)
+        md += [
+            "",
+            "## What dominates the misses",
+            "",
+            f"- **Decode ratio {o_tps / r_tps:.3f} (target 0.97).** The agent's own in-device decode rate "
+            f"({agent_tps:.1f} tok/s) matches what the host sees ({o_tps:.1f}): MQTT delivery adds no lag; "
+            "the loss is inside generation, because on these 2 cores the 2 llama threads share the CPU "
+            "with the per-token messaging: one QoS 1 publish per token (JSON encode, paho publish, "
+            "PUBACK on paho's thread) in the agent, mosquitto routing it "
+            f"({cpu['broker_ms_per_token_ours']:.2f} ms CPU/token) and the host client, which in this "
+            f"bench runs on the same cores ({cpu['host_ms_per_token_ours']:.2f} ms CPU/token; on a real "
+            "fleet it is elsewhere). Without MQTT the runtime itself is at ~0.98 of raw "
+            "(bench/results/infer_cli.md). Suggested fix in the agent's `_serve`: send the first token "
+            "at once (TTFT unchanged), then coalesce tokens into one chunk per ~25 ms (or per 4 tokens), "
+            "and publish non-final chunks at QoS 0 (`seq` already detects gaps; the `done` chunk stays "
+            "QoS 1) — fewer messages and no PUBACKs per token.",
+            f"- **Idle RSS {rss_ps:.1f} MB (target 35 MB).** The floor (CPython + psutil + paho + "
+            f"cryptography, connected) is {bare_rss:.1f} MB, of which paho alone is "
+            f"~{step['+ paho.mqtt.client'] - step['python + psutil']:.1f} MB (it imports ssl, "
+            "urllib.request, http.client and email for proxy support) and cryptography "
+            f"~{step['+ cryptography.hazmat.primitives.asymmetric.ed25519'] - step['+ paho.mqtt.client']:.1f} MB. "
+            f"The agent adds {rss_ps - bare_rss:.1f} MB on top (USS {uss:.1f} vs {bare_uss:.1f} MB). "
+            "Cuts that need no redesign: import `importlib.metadata` lazily in `agent/probe.py` (used "
+            "only for runtime versions; ~0.8 MB, ~4 ms) and `tarfile` lazily in "
+            "`agent/bundle/archive.py` (only an install needs it; ~0.4 MB); `agent/store.py` pulls "
+            "`agent.profiles` (tomllib + matcher, ~8 ms) just for `normalize_arch` — move that helper to "
+            "a tiny module. Together about 1.2 MB and ~15 ms of start-up, enough for the target.",
+        ]
+        text = "\n".join(md) + "\n"
+        write("mqtt", result, text)
+        print(text)
+    finally:
+        for closer in (bare, watch, host):
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    closer.close()
+        if raw is not None:
+            end(raw.proc)
+        end(responder)
+        for o in [agent, *others]:
+            if o is None:
+                continue
+            with contextlib.suppress(Exception):
+                if isinstance(o, subprocess.Popen):
+                    end(o)
+                else:
+                    o.stop()
+        if broker is not None:
+            broker.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
