@@ -292,6 +292,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         device_id=args.device, fleet=args.fleet, username=args.username, password=args.password,
         ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file,
         health_interval=args.health_interval, infer_queue=args.queue, threads=args.threads,
+        chunk_interval=args.chunk_interval,
     )
     agent = Agent(cfg)
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -392,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--queue", type=int, default=int(_env("INFER_QUEUE") or "4"),
                    help="waiting inference requests before 'busy' [EDGEPACK_INFER_QUEUE]")
     s.add_argument("--threads", type=int, default=None, help="override the profile's threads")
+    s.add_argument("--chunk-interval", type=float, default=float(_env("CHUNK_INTERVAL") or "0.05"),
+                   help="seconds of tokens per streamed chunk after the first; 0 = one per token "
+                        "[EDGEPACK_CHUNK_INTERVAL]")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("install-service", help="write the systemd unit and its env file")

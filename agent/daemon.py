@@ -103,6 +103,7 @@ class AgentConfig:
     threads: int | None = None  # override the profile's thread count
     load_check: bool = True  # load + generate before committing an install
     download_timeout: float = 30.0  # seconds without progress before a download retry
+    chunk_interval: float = 0.05  # seconds of tokens coalesced per streamed chunk after the first
 
     def __post_init__(self) -> None:
         check_id(self.device_id, "device id")
@@ -126,6 +127,18 @@ def error_code(e: BaseException) -> str:
         if isinstance(e, cls):
             return e.code if isinstance(e, ProtocolError) else code
     return "internal"
+
+
+def _trim_heap() -> None:
+    """Give the heap freed after start-up (imports, probe, profile parsing) back to the OS.
+
+    glibc keeps freed memory in its arenas; on a small device that is resident memory the model
+    could use. Elsewhere (musl, macOS) this is a no-op.
+    """
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 @dataclass
@@ -319,6 +332,8 @@ class Agent:
             log.error("cannot announce ourselves: %s", e)
             return
         log.info("online as %s (session present: %s)", self.topics.base, session_present)
+        if not self._ready.is_set():
+            _trim_heap()
         self._ready.set()
 
     def _event(self, job: str, stage: str, **detail: Any) -> None:
@@ -579,18 +594,24 @@ class Agent:
                 params = GenerationParams(
                     max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
                     top_k=req.top_k, repeat_penalty=req.repeat_penalty, stop=req.stop, seed=req.seed)
+                # The first token goes out at once (TTFT); later ones are coalesced for
+                # chunk_interval, so one QoS 1 message per token does not take CPU from the
+                # decode loop on a 2-core device (bench/results/mqtt.md measures both).
+                pending, last_sent = "", 0.0
                 for chunk in self._runtime.stream(req.prompt, params, chat=req.chat):
                     if job.cancel.is_set():
                         self._runtime.cancel()
+                    pending += chunk.text
+                    now = time.monotonic()
                     if chunk.done:
                         usage = chunk.usage.to_dict() if chunk.usage else None
                         if usage:
                             self.last_usage = usage
-                        self._chunk(job.msg, InferChunk(seq, chunk.text, True, usage))
+                        self._chunk(job.msg, InferChunk(seq, pending, True, usage))
                         return
-                    if chunk.text:
-                        self._chunk(job.msg, InferChunk(seq, chunk.text))
-                        seq += 1
+                    if pending and (seq == 0 or now - last_sent >= self.config.chunk_interval):
+                        self._chunk(job.msg, InferChunk(seq, pending))
+                        seq, pending, last_sent = seq + 1, "", now
         except EdgepackError as e:
             self.counters["infer_errors"] += 1
             code = "no_model" if isinstance(e, StoreError) else error_code(e)

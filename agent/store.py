@@ -32,14 +32,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from agent._fs import atomic_write, fsync_dir, fsync_tree
-from agent.bundle import (
-    MANIFEST_NAME,
-    SIGNATURE_NAME,
-    BundleReader,
-    Keyring,
-    Manifest,
-    verify_manifest,
-)
+from agent.bundle import MANIFEST_NAME, SIGNATURE_NAME, Keyring, Manifest, verify_manifest
 from agent.errors import InstallError, InsufficientResourcesError, StoreError
 from agent.profiles.schema import normalize_arch
 
@@ -258,6 +251,8 @@ class Store:
                     raise InstallError(f"cannot read bundle {source}: {e}", step="read") from e
             else:
                 stream = source
+            from agent.bundle.archive import BundleReader  # lazily: tarfile only when installing
+
             reader = BundleReader(stream)
             # (1) verify the signed manifest before reading any payload.
             manifest_bytes, sig_bytes = reader.read_header()

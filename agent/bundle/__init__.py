@@ -4,7 +4,6 @@ Producer: :mod:`packager` builds manifests and signs them. Consumer: :mod:`agent
 bundle through :class:`BundleReader`, verifying with :func:`verify_manifest` before any payload.
 """
 
-from agent.bundle.archive import BundleReader
 from agent.bundle.keys import Keyring, PublicKey, SigningKey, key_id_of
 from agent.bundle.manifest import (
     FORMAT_VERSION,
@@ -23,6 +22,16 @@ from agent.bundle.verify import (
     sign_manifest,
     verify_manifest,
 )
+
+
+def __getattr__(name: str) -> object:
+    # tarfile is only needed while installing; importing it lazily keeps the idle agent small.
+    if name == "BundleReader":
+        from agent.bundle.archive import BundleReader
+
+        return BundleReader
+    raise AttributeError(name)
+
 
 __all__ = [
     "FORMAT_VERSION",
