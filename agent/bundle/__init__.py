@@ -4,6 +4,8 @@ Producer: :mod:`packager` builds manifests and signs them. Consumer: :mod:`agent
 bundle through :class:`BundleReader`, verifying with :func:`verify_manifest` before any payload.
 """
 
+from typing import TYPE_CHECKING
+
 from agent.bundle.keys import Keyring, PublicKey, SigningKey, key_id_of
 from agent.bundle.manifest import (
     FORMAT_VERSION,
@@ -22,6 +24,9 @@ from agent.bundle.verify import (
     sign_manifest,
     verify_manifest,
 )
+
+if TYPE_CHECKING:  # type checkers see the class; at run time it is imported on first use
+    from agent.bundle.archive import BundleReader
 
 
 def __getattr__(name: str) -> object:

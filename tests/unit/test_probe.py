@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import os
 import platform
@@ -223,7 +224,10 @@ def test_a_broken_runtime_is_an_error_not_an_exception(monkeypatch: pytest.Monke
         raise ImportError(f"lib{name}.so: cannot open shared object file")
 
     monkeypatch.setattr(probe_mod, "_runtime_devices", broken)
-    monkeypatch.setattr(probe_mod.importlib.util, "find_spec", lambda name: object())
+    # A located package whose import fails (a missing shared library, say): find_spec succeeds.
+    monkeypatch.setattr(
+        probe_mod.importlib.util, "find_spec", lambda name: importlib.machinery.ModuleSpec(name, None)
+    )
     rts = probe(runtimes=True)["runtimes"]
     for name, info in rts.items():
         assert info["installed"] is True
