@@ -19,6 +19,7 @@ from typing import Any
 
 from agent import __version__
 from agent.errors import EdgepackError, KeyringError, StoreError
+from agent.gate import GateConfig, parse_slo_overrides
 
 log = logging.getLogger("agent")
 
@@ -131,29 +132,44 @@ def _runtime_for(bundle, threads: int | None = None):  # -> (Runtime, LoadOption
     return rt_cls(), opts
 
 
-def load_check(bundle) -> dict[str, Any]:
-    """Load the freshly switched bundle and generate a few tokens; raising rolls the install back."""
-    from agent.runtimes import GenerationParams
+def load_check(bundle, gate: GateConfig | None = None) -> dict[str, Any]:
+    """Load the freshly switched bundle and run the benchmark gate on it (agent.gate).
+
+    Args:
+        bundle: the pending :class:`~agent.store.InstalledBundle`.
+        gate: how to benchmark and judge; the defaults (gate on, the manifest's SLO) when None.
+
+    Returns:
+        ``load_ms`` plus the gate's figures (ttft_ms, decode_tok_s, peak_rss_mb, ...).
+
+    Raises:
+        GateFailedError: the model missed an SLO (the store rolls the install back).
+        InferenceError: the model does not load or generates nothing.
+        RuntimeUnavailableError: the bundle's runtime cannot run here.
+    """
+    from agent.gate import run_gate
 
     rt, opts = _runtime_for(bundle)
     t0 = time.perf_counter()
-    try:
+    with rt:
         rt.load(bundle.entrypoint, opts)
         load_ms = (time.perf_counter() - t0) * 1000
-        usage = None
-        text = ""
-        for chunk in rt.stream("Hello", GenerationParams(max_tokens=4, temperature=0.0)):
-            text += chunk.text
-            if chunk.done:
-                usage = chunk.usage
-    finally:
-        rt.close()
-    if usage is None or usage.completion_tokens == 0:
-        raise StoreError("the model loaded but generated no tokens")
-    return {"load_ms": round(load_ms, 1), "ttft_ms": round(usage.ttft_ms, 1)}
+        figures = run_gate(rt, bundle.manifest.slo, gate or GateConfig())
+    return {"load_ms": round(load_ms, 1), **figures}
+
+
+def gate_config(args: argparse.Namespace) -> GateConfig:
+    """The gate configuration from ``--gate-tokens``, ``--no-gate`` and ``--slo`` flags.
+
+    Raises:
+        EdgepackError: a malformed ``--slo`` or an out-of-range ``--gate-tokens``.
+    """
+    return GateConfig(max_tokens=args.gate_tokens, enabled=not args.no_gate,
+                      slo_overrides=parse_slo_overrides(args.slo or ()))
 
 
 def cmd_install(args: argparse.Namespace) -> int:
+    gate = gate_config(args)  # before touching the store: a typo in --slo changes nothing
     store = open_store(args, need_keys=True)
     total = 0
     last = [0.0]
@@ -172,7 +188,10 @@ def cmd_install(args: argparse.Namespace) -> int:
                 print(file=sys.stderr)
             _err(f"{name}: " + ", ".join(f"{k}={v}" for k, v in data.items() if v is not None))
 
-    res = store.install(Path(args.bundle), load_check=None if args.no_load_check else load_check,
+    def check(bundle) -> dict[str, Any]:
+        return load_check(bundle, gate)
+
+    res = store.install(Path(args.bundle), load_check=None if args.no_load_check else check,
                         on_event=event, progress=progress)
     out = {"installed": res.bundle.summary(),
            "previous": res.previous.summary() if res.previous else None,
@@ -184,6 +203,10 @@ def cmd_install(args: argparse.Namespace) -> int:
         note = " (already current)" if res.already_installed else ""
         _err(f"current: {b.model_name} v{b.version} "
              f"{b.target.runtime}/{b.target.quant or b.target.precision} [{res.bundle.slot}]{note}")
+        c = res.check or {}
+        if "decode_tok_s" in c:
+            _err(f"gate: TTFT {c['ttft_ms']} ms, decode {c['decode_tok_s']} tok/s, "
+                 f"peak RSS {c['peak_rss_mb']} MiB (SLO: {c.get('thresholds') or 'none set'})")
     return 0
 
 
@@ -292,7 +315,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         device_id=args.device, fleet=args.fleet, username=args.username, password=args.password,
         ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file,
         health_interval=args.health_interval, infer_queue=args.queue, threads=args.threads,
-        chunk_interval=args.chunk_interval,
+        chunk_interval=args.chunk_interval, gate=gate_config(args),
     )
     agent = Agent(cfg)
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -352,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("bundle")
     s.add_argument("--no-load-check", action="store_true",
                    help="switch without loading the model first (not recommended)")
+    _add_gate_flags(s)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_install)
 
@@ -396,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chunk-interval", type=float, default=float(_env("CHUNK_INTERVAL") or "0.05"),
                    help="seconds of tokens per streamed chunk after the first; 0 = one per token "
                         "[EDGEPACK_CHUNK_INTERVAL]")
+    _add_gate_flags(s)
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("install-service", help="write the systemd unit and its env file")
@@ -408,6 +433,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--enable", action="store_true", help="also daemon-reload and enable --now")
     s.set_defaults(func=cmd_install_service)
     return p
+
+
+def _add_gate_flags(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--gate-tokens", type=int, default=int(_env("GATE_TOKENS") or "32"),
+                   help="tokens the post-install benchmark generates [EDGEPACK_GATE_TOKENS]")
+    s.add_argument("--no-gate", action="store_true",
+                   help="load and smoke-test a new bundle, but do not benchmark it against its SLO")
+    # Flags add to the env list, and a later value wins: a flag overrides the env for its key.
+    s.add_argument("--slo", action="append", metavar="KEY=VALUE",
+                   default=[i for i in (_env("SLO") or "").split(",") if i.strip()] or None,
+                   help="replace a manifest SLO threshold, repeatable: min_decode_tok_s, "
+                        "max_ttft_ms, max_rss_mb; 0 turns one off [EDGEPACK_SLO, ','-separated]")
 
 
 def _add_mqtt_flags(s: argparse.ArgumentParser) -> None:

@@ -13,8 +13,11 @@ install's load check takes it — so a new bundle is switched in between request
 
 Install over MQTT: (1) download with resume into ``state/downloads`` (events: downloading),
 (2) the store verifies the signed manifest, stages while hashing, switches (events: verified,
-installed), (3) the load check swaps the resident model, (4) commit (events: committed) or roll
-back and reload the previous model (events: rolled_back). Every reply says what happened.
+installed), (3) the load check swaps the resident model and benchmarks it against the manifest's
+SLO (agent.gate; events: benchmarked, with the figures), (4) commit (events: committed, with the
+figures) or roll back and reload the previous model (events: rolled_back, with the gate's figures
+when it was the SLO; reply code ``slo_failed``). Every reply says what happened; health carries
+the last gate report as ``last_gate``.
 
 Duplicates: QoS 1 may deliver a command twice (e.g. around a broker restart); a bounded memory
 of correlation ids drops the second copy, so nothing is executed twice.
@@ -43,6 +46,7 @@ from agent.errors import (
     DigestMismatchError,
     DowngradeError,
     EdgepackError,
+    GateFailedError,
     InferenceError,
     InstallError,
     InsufficientResourcesError,
@@ -52,6 +56,7 @@ from agent.errors import (
     StoreError,
     TransportError,
 )
+from agent.gate import GateConfig, run_gate
 from agent.protocol import (
     COMMANDS,
     CancelRequest,
@@ -102,6 +107,7 @@ class AgentConfig:
     infer_queue: int = 4  # waiting inference requests before ``busy``
     threads: int | None = None  # override the profile's thread count
     load_check: bool = True  # load + generate before committing an install
+    gate: GateConfig = field(default_factory=GateConfig)  # the load check's benchmark vs the SLO
     download_timeout: float = 30.0  # seconds without progress before a download retry
     chunk_interval: float = 0.05  # seconds of tokens coalesced per streamed chunk after the first
 
@@ -115,7 +121,16 @@ class AgentConfig:
 
 
 def error_code(e: BaseException) -> str:
-    """A stable machine code for an error, for replies and events."""
+    """A stable machine code for an error, for replies and events.
+
+    ``slo_failed``: the new model loaded but missed its SLO in the post-install gate and was
+    rolled back (``install_failed`` is any other failed load check).
+    """
+    # The store wraps whatever the load check raised in InstallError(rolled_back=True); the
+    # cause says whether it was the gate, which a rollout reacts to differently (the build is
+    # too slow for the profile, not broken).
+    if isinstance(e, InstallError) and isinstance(e.__cause__, GateFailedError):
+        return "slo_failed"
     for cls, code in (
         (ProtocolError, ""), (DowngradeError, "downgrade"), (SignatureError, "signature"),
         (DigestMismatchError, "digest_mismatch"), (BundleFormatError, "bad_bundle"),
@@ -187,6 +202,7 @@ class Agent:
                                          "infer_errors": 0, "install_errors": 0}
         self.last_usage: dict[str, Any] = {}
         self.last_install: dict[str, Any] | None = None
+        self.last_gate: dict[str, Any] | None = None  # the last post-install benchmark's report
         self._facts: dict[str, Any] | None = None
         self._threads: list[threading.Thread] = []
         self.transport = transport_factory(
@@ -307,6 +323,7 @@ class Agent:
             "last_decode_tok_s": self.last_usage.get("decode_tok_s"),
             "last_ttft_ms": self.last_usage.get("ttft_ms"),
             "last_install": self.last_install,
+            "last_gate": self.last_gate,
             "busy": self._busy.is_set(),
             "queue": self._infer.qsize(),
             "errors": dict(self.counters),
@@ -469,7 +486,8 @@ class Agent:
                 "previous": prev.summary() if prev else None,
                 "model_loaded": self._runtime_slot, "busy": self._busy.is_set(),
                 "queue": self._infer.qsize(), "last_usage": self.last_usage,
-                "last_install": self.last_install, "counters": dict(self.counters)}
+                "last_install": self.last_install, "last_gate": self.last_gate,
+                "counters": dict(self.counters)}
 
     def _install(self, job: _Job) -> dict[str, Any]:
         from agent.fetch import fetch
@@ -493,13 +511,24 @@ class Agent:
             path = fetch(req.url, dest, sha256=req.sha256, size=req.size, progress=progress,
                          timeout=self.config.download_timeout, cancel=self._stop)
 
+            gate: dict[str, Any] = {}  # this install's gate report, for the rolled_back event
+
+            def on_gate(report: dict[str, Any]) -> None:
+                gate.update(report)
+                self._event(job_id, "benchmarked", **report)
+
             def on_store_event(name: str, data: dict[str, Any]) -> None:
                 stage = {"verified": "verified", "switched": "installed", "committed": "committed",
                          "rolled_back": "rolled_back"}.get(name)
+                if stage == "rolled_back" and gate:
+                    data = {**data, "gate": dict(gate)}  # the measured numbers that failed
                 if stage:
-                    self._event(job_id, stage, **{k: v for k, v in data.items() if k != "check"})
+                    self._event(job_id, stage, **data)
 
-            res = self.store.install(path, load_check=self._swap_in if self.config.load_check else None,
+            def check(bundle: InstalledBundle) -> dict[str, Any]:
+                return self._swap_in(bundle, on_gate=on_gate)
+
+            res = self.store.install(path, load_check=check if self.config.load_check else None,
                                      on_event=on_store_event)
         except EdgepackError as e:
             self.counters["install_errors"] += 1
@@ -544,19 +573,44 @@ class Agent:
         self._runtime, self._runtime_slot = rt, bundle.slot
         return {"load_ms": round((time.perf_counter() - t0) * 1000, 1)}
 
-    def _swap_in(self, bundle: InstalledBundle) -> dict[str, Any]:
-        """The install's load check: wait for the running generation, then load the new bundle."""
-        from agent.runtimes import GenerationParams
+    def _swap_in(self, bundle: InstalledBundle, *,
+                 on_gate: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """The install's load check: wait for the running generation, load the new bundle as the
+        resident model and run the benchmark gate on it (agent.gate).
 
+        Args:
+            bundle: the freshly switched (pending) bundle.
+            on_gate: receives the gate's report ({ok, ttft_ms, decode_tok_s, peak_rss_mb, tokens,
+                failures, thresholds}), pass or fail, before this returns or raises.
+
+        Returns:
+            ``load_ms`` plus the gate's figures; the store commits with them.
+
+        Raises:
+            GateFailedError: an SLO was missed (the store rolls back; :meth:`_install` then
+                drops the resident model so the previous one is loaded again).
+            InferenceError: the model does not load or generates nothing.
+            RuntimeUnavailableError: the bundle's runtime cannot run here.
+        """
+        gate_cfg = self.config.gate
         with self._model_lock:
             figures = self._load_locked(bundle)
-            usage = None
-            for chunk in self._runtime.stream("Hello", GenerationParams(max_tokens=4, temperature=0.0)):
-                if chunk.done:
-                    usage = chunk.usage
-            if usage is None or usage.completion_tokens == 0:
-                raise InferenceError("the new model loaded but generated no tokens")
-            return {**figures, "ttft_ms": round(usage.ttft_ms, 1)}
+            try:
+                checked = run_gate(self._runtime, bundle.manifest.slo, gate_cfg)
+            except GateFailedError as e:
+                report: dict[str, Any] = {"ok": False, **e.figures, "failures": list(e.failures),
+                                          "thresholds": e.thresholds}
+                self._record_gate(bundle, report, on_gate)
+                raise
+            if gate_cfg.enabled:
+                self._record_gate(bundle, checked, on_gate)
+            return {**figures, **checked}
+
+    def _record_gate(self, bundle: InstalledBundle, report: dict[str, Any],
+                     on_gate: Callable[[dict[str, Any]], None] | None) -> None:
+        self.last_gate = {"slot": bundle.slot, **report, "ts": self.clock()}
+        if on_gate is not None:
+            on_gate(report)
 
     def _reload_current(self) -> None:
         with self._model_lock:

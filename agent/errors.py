@@ -130,6 +130,24 @@ class InsufficientResourcesError(InstallError):
         self.resource = resource
 
 
+class GateFailedError(InstallError):
+    """The new model loaded but missed its SLO in the post-install benchmark (agent.gate).
+
+    ``figures`` are the measured numbers (ttft_ms, decode_tok_s, peak_rss_mb, tokens),
+    ``failures`` one message per missed SLO, ``thresholds`` the limits that were checked.
+    """
+
+    hint = ("The model is too slow or too big for this device's profile; build for a smaller "
+            "profile, or loosen the check with --slo KEY=VALUE.")
+
+    def __init__(self, message: str, *, figures: dict[str, float], failures: tuple[str, ...],
+                 thresholds: dict[str, float] | None = None) -> None:
+        super().__init__(message, step="gate")
+        self.figures = dict(figures)
+        self.failures = tuple(failures)
+        self.thresholds = dict(thresholds or {})
+
+
 class StoreError(EdgepackError):
     """The local store cannot do what was asked (nothing to roll back to, unknown slot, ...)."""
 
