@@ -9,6 +9,7 @@ signed), (5) write and sign one bundle per remaining profile, (6) write a build 
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import re
@@ -22,13 +23,22 @@ from agent.bundle import FileEntry, Manifest, Requirements, SigningKey, Target
 from agent.errors import PackagingError, QualityBudgetError
 from agent.profiles import DeviceProfile
 from packager.bundler import hash_file, write_bundle
-from packager.model import ModelInfo
+from packager.model import READY_FORMATS, ModelInfo, chat_template_in
 from packager.plan import BuildPlan, ProfilePlan, Variant, plan
 from packager.quality import QualityReport, check_budget
 
 log = logging.getLogger("packager.build")
 
-PAYLOAD_NAME = {"gguf": "model.gguf"}
+PAYLOAD_NAME = {"gguf": "model.gguf"}  # single-file formats; folders ship under FOLDER_NAME
+FOLDER_NAME = "model"
+# format -> (module, build function, reference function); imported only when that format is built.
+# A build function is f(model, variant, out_dir, *, cache_dir, threads) -> file or folder, a
+# reference function f(model, cache_dir, *, threads) -> the full-precision artifact to score against.
+BACKENDS: dict[str, tuple[str, str, str]] = {
+    "gguf": ("packager.gguf", "build_variant", "reference_gguf"),
+    "onnx": ("packager.onnx", "build_onnx_variant", "reference_onnx"),
+    "openvino-ir": ("packager.openvino", "build_openvino_variant", "reference_openvino"),
+}
 
 
 @dataclass
@@ -53,26 +63,51 @@ class BuildReport:
     bundles: list[BuiltBundle] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)  # profile -> reason (plan / runtime)
     over_budget: dict[str, str] = field(default_factory=dict)  # profile -> quality refusal
-    variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> size + quality
+    # key -> runtime, format, precision, size, quality and speed on this host
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    machine: str = ""  # the host the speed figures were measured on
+    chart: str = ""  # the PNG's file name, when one was drawn
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "bundles": [b.to_dict() for b in self.bundles],
-                "refused": self.refused, "over_budget": self.over_budget, "variants": self.variants}
+                "refused": self.refused, "over_budget": self.over_budget, "variants": self.variants,
+                "machine": self.machine, "chart": self.chart}
 
     def to_markdown(self) -> str:
+        from packager.report import cross_runtime_rows
+
+        nan = float("nan")
         lines = [f"# Build report: {self.model['name']}", "",
                  f"Source: `{self.model['source_kind']}` {self.model['source_digest']}, "
                  f"{self.model['n_params'] / 1e6:.0f} M parameters.", "",
-                 "| variant | size (MiB) | perplexity | reference | Δ ppl % | top-1 agree |",
-                 "|---|---:|---:|---:|---:|---:|"]
+                 "Quality: perplexity on the packaged evaluation text, through the runtime that "
+                 "serves the variant, against the full-precision build of the same format. Speed: "
+                 f"greedy decode of the agent gate's fixed prompt on this host ({self.machine or 'n/a'}).",
+                 "",
+                 "| variant | size (MiB) | perplexity | reference | Δ ppl % | top-1 agree "
+                 "| TTFT ms | decode tok/s |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for key, v in self.variants.items():
-            q = v.get("quality", {})
-            nan = float("nan")
+            q, sp = v.get("quality", {}), v.get("speed", {})
+            speed = (f"{sp['ttft_ms']:.0f} | {sp['decode_tok_s']:.1f}" if "decode_tok_s" in sp
+                     else "n/a | n/a")
             lines.append(
                 f"| {key} | {v['size_bytes'] / 2**20:.1f} | {q.get('ppl', nan):.3f} | "
                 f"{q.get('reference_ppl', nan):.3f} | {q.get('delta_pct', nan):+.2f} | "
-                f"{q.get('top1_agreement') or nan:.3f} |"
+                f"{q.get('top1_agreement') or nan:.3f} | {speed} |"
             )
+        if self.chart:
+            lines += ["", f"![size vs quality loss vs decode speed]({self.chart})"]
+        cross = cross_runtime_rows(self.variants)
+        if cross:
+            lines += ["", "## The same precision across runtimes", "",
+                      "| precision | runtime | variant | size (MiB) | Δ ppl % | top-1 agree | tok/s |",
+                      "|---|---|---|---:|---:|---:|---:|", *cross]
+        not_run = {k: v["speed"]["error"] for k, v in self.variants.items()
+                   if "error" in v.get("speed", {})}
+        if not_run:
+            lines += ["", "## Not runnable on this host (quality measured on its CPU build path)", ""]
+            lines += [f"- **{k}**: {why}" for k, why in not_run.items()]
         lines += ["", "| profile | bundle | version |", "|---|---|---:|"]
         lines += [f"| {b.profile} | {b.path.name} | {b.manifest.version} |" for b in self.bundles]
         sections = (("Refused (plan)", self.refused), ("Refused (quality budget)", self.over_budget))
@@ -90,7 +125,9 @@ def model_slug(name: str) -> str:
 
 
 def chat_template_of(model: ModelInfo) -> str | None:
-    """The model's chat template, from the HF folder or the GGUF metadata (None if it has none)."""
+    """The model's chat template, from the HF or ready folder or the GGUF metadata (None if none)."""
+    if model.source_kind in READY_FORMATS:
+        return chat_template_in(model.path)
     if model.source_kind == "hf":
         jinja = model.path / "chat_template.jinja"
         if jinja.exists():
@@ -109,44 +146,89 @@ def chat_template_of(model: ModelInfo) -> str | None:
     return bytes(f.parts[f.data[0]]).decode("utf-8")
 
 
+def _backend(fmt: str) -> tuple[Any, Any]:
+    entry = BACKENDS.get(fmt)
+    if entry is None:
+        raise PackagingError(f"format {fmt!r} is not buildable (known: {', '.join(sorted(BACKENDS))})")
+    try:
+        module = importlib.import_module(entry[0])
+    except ImportError as e:  # a tool the backend imports at module level is not installed
+        raise PackagingError(f"the {fmt} backend cannot load: {e}",
+                             hint="Install the host tools: pip install 'edgepack[packager]'.") from e
+    return getattr(module, entry[1]), getattr(module, entry[2])
+
+
 def build_variant(model: ModelInfo, variant: Variant, *, cache_dir: Path, threads: int) -> Path:
-    """Build one variant's artifact (cached by source digest, quant and tool version).
+    """Build one variant's artifact: a file (GGUF) or a folder (ONNX GenAI, OpenVINO IR).
+
+    Cached by each backend (source digest, precision, options and tool version); a ready
+    ONNX/OpenVINO folder given as the source is the artifact itself.
 
     Raises:
         PackagingError: the variant's format is not buildable, or a tool failed.
     """
-    if variant.format == "gguf":
-        from packager.gguf import build_gguf_variant
-
-        return build_gguf_variant(model, variant.quant, cache_dir / "variants", cache_dir=cache_dir,
-                                  threads=threads)
-    raise PackagingError(f"format {variant.format!r} is not buildable yet")
+    if model.source_kind == variant.format:  # a ready folder: shipped as it is
+        return model.path
+    build_fn, _ = _backend(variant.format)
+    return Path(build_fn(model, variant, cache_dir / "variants", cache_dir=cache_dir, threads=threads))
 
 
 def measure_variant(model: ModelInfo, variant: Variant, artifact: Path, *, cache_dir: Path,
                     threads: int) -> QualityReport:
-    """Quality of one variant against the full-precision reference, through its runtime."""
-    from packager.gguf import reference_gguf
+    """Quality of one variant against the full-precision build of the same format, scored by the
+    runtime that will serve it (a ready folder has no reference: it is scored against itself)."""
     from packager.quality import measure
 
-    ref = reference_gguf(model, cache_dir)
-    return measure(artifact, ref, runtime=variant.runtime, threads=threads)
+    if model.source_kind == variant.format:
+        return measure(artifact, artifact, runtime=variant.runtime, threads=threads,
+                       variant_name=variant.quant, reference_name="none (ready folder)")
+    _, reference_fn = _backend(variant.format)
+    ref = Path(reference_fn(model, cache_dir, threads=threads))
+    if variant.format == "gguf":  # GGUF files name their own quant type
+        return measure(artifact, ref, runtime=variant.runtime, threads=threads)
+    return measure(artifact, ref, runtime=variant.runtime, threads=threads,
+                   variant_name=variant.quant, reference_name="fp32")
 
 
-def _manifest(model: ModelInfo, pp: ProfilePlan, artifact: Path, quality: dict[str, Any],
-              key: SigningKey, version: int, now: datetime, chat_template: str | None) -> Manifest:
+def payload_files(artifact: Path, fmt: str) -> tuple[dict[str, Path], str]:
+    """The bundle's payload for an artifact: ``{path in bundle: file on disk}`` and the entrypoint.
+
+    A file ships as ``model.gguf``; a folder's files ship under ``model/`` in sorted order (the
+    bundle bytes are reproducible), and the entrypoint is the folder.
+    """
+    if artifact.is_file():
+        name = PAYLOAD_NAME.get(fmt, artifact.name)
+        return {name: artifact}, name
+    files = {f"{FOLDER_NAME}/{p.relative_to(artifact).as_posix()}": p
+             for p in sorted(artifact.rglob("*")) if p.is_file()}
+    if not files:
+        raise PackagingError(f"{artifact} is an empty folder: nothing to bundle")
+    return files, FOLDER_NAME
+
+
+def artifact_size(artifact: Path) -> int:
+    """Bytes of a file, or of every file in a folder."""
+    if artifact.is_file():
+        return artifact.stat().st_size
+    return sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file())
+
+
+def _manifest(model: ModelInfo, pp: ProfilePlan, payload: dict[str, Path], entrypoint: str,
+              quality: dict[str, Any], key: SigningKey, version: int, now: datetime,
+              chat_template: str | None) -> Manifest:
     prof = pp.profile
-    name = PAYLOAD_NAME[pp.variant.format]
-    size, digest = hash_file(artifact)
+    entries = [FileEntry(rel, *hash_file(path)) for rel, path in payload.items()]
+    size = sum(e.size for e in entries)
     return Manifest(
         model_name=model_slug(model.name),
         version=version,
         profile=prof.name,
         target=Target(pp.variant.runtime, pp.variant.format, pp.variant.precision, pp.variant.quant,
-                      pp.variant.device, name),
-        files=[FileEntry(name, size, digest)],
+                      pp.variant.device, entrypoint),
+        files=entries,
         requirements=Requirements(prof.match.arch, pp.estimate.total_bytes, size),
         generation={"context": pp.context, "threads": prof.target.threads,
+                    "options": dict(pp.variant.options),
                     "chat_template": chat_template or "", "repeat_penalty": 1.15},
         quality=quality,
         slo=asdict(prof.slo),
@@ -167,6 +249,7 @@ def build(
     bundle_version: int | None = None,
     threads: int = 0,
     now: datetime | None = None,
+    speed: bool = True,
 ) -> BuildReport:
     """Build, gate and sign one bundle per profile.
 
@@ -179,6 +262,7 @@ def build(
         bundle_version: the monotonic version; default: the UTC time as YYYYMMDDHHMMSS.
         threads: threads for quantization and measurement (0 = all cores).
         now: the build time (read once).
+        speed: also measure each variant's TTFT and decode rate on this host for the report.
 
     Returns:
         The report: bundles written, profiles refused by the plan or the quality budget.
@@ -190,6 +274,10 @@ def build(
     version = bundle_version if bundle_version is not None else int(now.strftime("%Y%m%d%H%M%S"))
     bp: BuildPlan = plan(profiles, model)
     report = BuildReport(model=model.to_dict(), refused=dict(bp.refused))
+    if speed:
+        from packager.report import machine_note
+
+        report.machine = machine_note()
     for name, why in bp.refused.items():
         log.warning("profile %s: %s", name, why)
     artifacts: dict[str, Path] = {}
@@ -200,8 +288,16 @@ def build(
         log.info("[%d/%d] measuring %s", i, len(bp.variants), v.key)
         qualities[v.key] = measure_variant(model, v, artifacts[v.key], cache_dir=cache_dir,
                                            threads=threads)
-        report.variants[v.key] = {"size_bytes": artifacts[v.key].stat().st_size,
+        report.variants[v.key] = {"size_bytes": artifact_size(artifacts[v.key]),
+                                  "runtime": v.runtime, "format": v.format,
+                                  "precision": v.precision, "quant": v.quant, "device": v.device,
                                   "quality": qualities[v.key].to_manifest()}
+        if speed:
+            from packager.report import measure_speed
+
+            log.info("[%d/%d] timing %s on this host", i, len(bp.variants), v.key)
+            report.variants[v.key]["speed"] = measure_speed(artifacts[v.key], v.runtime,
+                                                            threads=threads)
     template = chat_template_of(model)
     for name, pp in bp.profiles.items():
         q = qualities[pp.variant.key]
@@ -211,12 +307,19 @@ def build(
             log.error("%s", e)
             report.over_budget[name] = str(e)
             continue
-        m = _manifest(model, pp, artifacts[pp.variant.key], q.to_manifest(), key, version, now, template)
+        payload, entrypoint = payload_files(artifacts[pp.variant.key], pp.variant.format)
+        m = _manifest(model, pp, payload, entrypoint, q.to_manifest(), key, version, now, template)
         out = out_dir / f"{m.model_name}-{name}-{pp.variant.quant}-v{version}.bundle"
-        write_bundle(out, m, key, {m.files[0].path: artifacts[pp.variant.key]})
+        write_bundle(out, m, key, payload)
         report.bundles.append(BuiltBundle(name, pp.variant.key, out, m, out.stat().st_size))
         log.info("signed %s", out.name)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if report.variants:
+        from packager.report import write_chart
+
+        png = write_chart(report.variants, out_dir / "build-report.png",
+                          title=f"{model.name}: size vs quality loss vs decode speed")
+        report.chart = png.name if png else ""
     (out_dir / "build-report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
     (out_dir / "build-report.md").write_text(report.to_markdown())
     return report

@@ -29,10 +29,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.errors import ConvertError, ModelSourceError, PackagingError, QuantizeError
 from packager.cache import atomic_dir, atomic_file, copy_atomic
 from packager.model import ModelInfo, gguf_file_type_name, read_gguf_header
+
+if TYPE_CHECKING:
+    from packager.plan import Variant
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +309,7 @@ def _stem(model: ModelInfo) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", model.name).strip("-") or "model"
 
 
-def reference_gguf(model: ModelInfo, cache_dir: Path) -> Path:
+def reference_gguf(model: ModelInfo, cache_dir: Path, *, threads: int = 0) -> Path:
     """The best-precision GGUF of ``model``, the reference for quality measurement.
 
     HF input: the F16 conversion (built once, cached). GGUF input: the file itself; when it is
@@ -331,6 +335,12 @@ def reference_gguf(model: ModelInfo, cache_dir: Path) -> Path:
         log.info("F16 reference cached: %s", ref)
         return ref
     return convert_hf_to_f16(model.path, ref, cache_dir=cache_dir, model_name=model.name)
+
+
+def build_variant(model: ModelInfo, variant: Variant, out_dir: Path, *, cache_dir: Path,
+                  threads: int = 0) -> Path:
+    """The GGUF backend's entry for packager.build: build ``variant.quant`` (see below)."""
+    return build_gguf_variant(model, variant.quant, out_dir, cache_dir=cache_dir, threads=threads)
 
 
 def build_gguf_variant(model: ModelInfo, quant: str, out_dir: Path, *, cache_dir: Path,

@@ -8,6 +8,7 @@ file the build reads, so cached artifacts are keyed by content, not by path.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,6 +35,11 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PROBE_TIMEOUT_S = 3.0  # a reachable hub answers a TCP connect well within this
 
 
+# A ready folder's kind is also the only artifact format it can become: it is shipped as it is.
+SOURCE_KINDS = ("hf", "gguf", "onnx", "openvino-ir")
+READY_FORMATS = ("onnx", "openvino-ir")
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """The shape and identity of a source model."""
@@ -49,14 +55,14 @@ class ModelInfo:
     vocab_size: int
     max_context: int  # tokens the model was trained for
     has_chat_template: bool
-    source_kind: str  # "hf" | "gguf"
-    path: Path  # the HF folder or the .gguf file
+    source_kind: str  # "hf" | "gguf" | "onnx" | "openvino-ir" (a ready runtime folder)
+    path: Path  # the HF folder, the .gguf file, or the ready ONNX GenAI / OpenVINO IR folder
     source_digest: str  # "sha256:<hex>" over the source files' bytes
     native_quant: str = ""  # GGUF input: its file type (e.g. "Q4_K_M"); "" for HF input
 
     def __post_init__(self) -> None:
-        if self.source_kind not in ("hf", "gguf"):
-            raise ValueError(f"source_kind must be 'hf' or 'gguf', not {self.source_kind!r}")
+        if self.source_kind not in SOURCE_KINDS:
+            raise ValueError(f"source_kind must be one of {SOURCE_KINDS}, not {self.source_kind!r}")
         if min(self.n_layers, self.hidden_size, self.n_heads, self.n_kv_heads, self.head_dim) <= 0:
             raise ValueError(f"model {self.name!r} has a non-positive dimension")
 
@@ -83,6 +89,10 @@ def resolve_source(spec: str, *, cache_dir: Path) -> ModelInfo:
     """
     path = Path(spec).expanduser()
     if path.is_dir():
+        if (path / "genai_config.json").is_file():
+            return read_onnx_folder(path)
+        if (path / "openvino_model.xml").is_file():
+            return read_openvino_folder(path)
         return read_hf_folder(path)
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -92,8 +102,8 @@ def resolve_source(spec: str, *, cache_dir: Path) -> ModelInfo:
     if looks_like_path or not _HUB_ID.match(spec):
         raise ModelSourceError(
             f"model source {spec!r} does not exist",
-            hint="Pass a folder with config.json and *.safetensors, a .gguf file, or a Hugging "
-            "Face id such as microsoft/Phi-3.5-mini-instruct.",
+            hint="Pass a folder with config.json and *.safetensors, a .gguf file, a ready ONNX "
+            "GenAI or OpenVINO IR folder, or a Hugging Face id such as microsoft/Phi-3.5-mini-instruct.",
         )
     return read_hf_folder(_download(spec, cache_dir / "hub"))
 
@@ -261,6 +271,90 @@ def shape_from_hf_config(config: dict[str, Any], *, where: str = "config.json") 
         "n_heads": heads, "n_kv_heads": int(kv_heads), "head_dim": int(head_dim),
         "vocab_size": vocab, "max_context": int(max_ctx),
     }
+
+
+# --- ready runtime folders (ONNX GenAI, OpenVINO IR) ----------------------------------------
+
+
+def read_onnx_folder(folder: Path) -> ModelInfo:
+    """Read a ready ONNX Runtime GenAI folder (``genai_config.json`` + ``*.onnx``).
+
+    The shape comes from ``genai_config.json`` (or an HF ``config.json`` beside it, which is
+    more complete); the parameter count is estimated when only the genai config is there.
+
+    Raises:
+        ModelSourceError: the config is unreadable, there is no ``.onnx`` file, or a dimension
+            is missing.
+    """
+    cfg_path = folder / "genai_config.json"
+    try:
+        genai = json.loads(cfg_path.read_text(encoding="utf-8"))
+        model = genai["model"]
+        dec = model["decoder"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelSourceError(f"cannot read {cfg_path}: {e}") from e
+    if not any(folder.glob("*.onnx")):
+        raise ModelSourceError(f"{folder} has a genai_config.json but no *.onnx model")
+    if (folder / "config.json").is_file():
+        shape = shape_from_hf_config(json.loads((folder / "config.json").read_text("utf-8")))
+    else:
+        def need(d: dict[str, Any], key: str) -> int:
+            v = d.get(key)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ModelSourceError(f"{cfg_path}: {key} is missing or not a positive integer")
+            return v
+
+        hidden, layers = need(dec, "hidden_size"), need(dec, "num_hidden_layers")
+        heads, vocab = need(dec, "num_attention_heads"), need(model, "vocab_size")
+        kv = dec.get("num_key_value_heads") or heads
+        # No MLP size in a genai config: the usual decoder estimate (12 h^2 per layer) + embeddings.
+        shape = {"architecture": str(model.get("type", "unknown")),
+                 "n_params": vocab * hidden + 12 * layers * hidden * hidden, "n_layers": layers,
+                 "hidden_size": hidden, "n_heads": heads, "n_kv_heads": int(kv),
+                 "head_dim": int(dec.get("head_size") or hidden // heads), "vocab_size": vocab,
+                 "max_context": int(model.get("context_length") or 2048)}
+    return _ready_folder(folder, "onnx", shape, bool(chat_template_in(folder)))
+
+
+def read_openvino_folder(folder: Path) -> ModelInfo:
+    """Read a ready OpenVINO IR folder (``openvino_model.xml/.bin``, as optimum-intel exports it).
+
+    Raises:
+        ModelSourceError: the HF ``config.json`` optimum writes beside the IR is missing or
+            unreadable, or the ``.bin`` weights are missing.
+    """
+    if not (folder / "openvino_model.bin").is_file():
+        raise ModelSourceError(f"{folder} has openvino_model.xml but no openvino_model.bin")
+    cfg_path = folder / "config.json"
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelSourceError(
+            f"cannot read {cfg_path}: {e}",
+            hint="Export with optimum-cli export openvino, which writes config.json beside the IR.",
+        ) from e
+    shape = shape_from_hf_config(config, where=str(cfg_path))
+    return _ready_folder(folder, "openvino-ir", shape, bool(chat_template_in(folder)))
+
+
+def chat_template_in(folder: Path) -> str | None:
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    for name in ("tokenizer_config.json", "genai_config.json"):
+        with contextlib.suppress(OSError, ValueError):
+            t = json.loads((folder / name).read_text(encoding="utf-8")).get("chat_template")
+            if isinstance(t, str) and t:
+                return t
+    return None
+
+
+def _ready_folder(folder: Path, kind: str, shape: dict[str, Any], has_template: bool) -> ModelInfo:
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return ModelInfo(
+        name=folder.resolve().name, **shape, has_chat_template=has_template, source_kind=kind,
+        path=folder.resolve(), source_digest="sha256:" + sha256_files(files, root=folder),
+    )
 
 
 # --- GGUF files -------------------------------------------------------------------------------

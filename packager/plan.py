@@ -5,23 +5,27 @@ budget, the first of ``target.fallbacks`` that does, and estimates the memory it
 KV cache + runtime overhead). Profiles that share a (runtime, format, precision, quant, device)
 share one :class:`Variant`, which is built once.
 
-What can be built is one set, :data:`BUILDABLE_FORMATS`: today only GGUF for llama.cpp. ONNX and
-OpenVINO profiles are planned as refused with a reason until their converters exist; adding one is
-adding its format to that set (and its bits-per-weight below).
+What can be built is one set, :data:`BUILDABLE_FORMATS`: GGUF (llama.cpp), ONNX (the
+onnxruntime-genai builder) and OpenVINO IR (optimum-intel + NNCF). A profile's ``target.options``
+(int4 block size, group size, symmetric weights, ...) change the artifact, so they are part of the
+variant: two profiles share a build only when those agree too.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from agent.errors import PlanError
 from agent.profiles.schema import GGUF_QUANTS, DeviceProfile
-from packager.model import ModelInfo
+from packager.model import READY_FORMATS, ModelInfo
 
 GIB = 1024**3
 # Formats the packager can build now. The single extension point for new converters.
-BUILDABLE_FORMATS: frozenset[str] = frozenset({"gguf"})
+BUILDABLE_FORMATS: frozenset[str] = frozenset({"gguf", "onnx", "openvino-ir"})
 
 # Average stored bits per weight, scales and all. K-quants mix block types per tensor, hence the
 # fractional values (llama.cpp's own reported sizes for 7B-class models).
@@ -60,11 +64,19 @@ class Variant:
     precision: str
     quant: str  # the tool's name ("Q4_K_M"); for ONNX/OpenVINO the precision itself
     device: str
+    # The profile's build options as sorted (key, value) pairs: hashable, so equal options share
+    # a build. ``dict(variant.options)`` gives them back.
+    options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def key(self) -> str:
-        """A stable, file-name-safe identifier, e.g. ``llamacpp-gguf-Q4_K_M-cpu``."""
-        return f"{self.runtime}-{self.format}-{self.quant}-{self.device}"
+        """A stable, file-name-safe identifier, e.g. ``llamacpp-gguf-Q4_K_M-cpu``; options add a
+        short digest (``ortgenai-onnx-int4-cpu-3fa2b1``) so builds that differ only there differ."""
+        base = f"{self.runtime}-{self.format}-{self.quant}-{self.device}"
+        if not self.options:
+            return base
+        blob = json.dumps(self.options, sort_keys=True, separators=(",", ":")).encode()
+        return f"{base}-{hashlib.sha256(blob).hexdigest()[:6]}"
 
 
 @dataclass(frozen=True)
@@ -148,8 +160,20 @@ def plan_profile(profile: DeviceProfile, model: ModelInfo) -> ProfilePlan:
     t = profile.target
     if t.format not in BUILDABLE_FORMATS:
         raise PlanError(
-            f"runtime {t.runtime} is not buildable yet (GGUF/llama.cpp only)",
-            hint=f"Profile {profile.name} targets {t.format}; build a GGUF profile instead.",
+            f"format {t.format} is not buildable (known: {', '.join(sorted(BUILDABLE_FORMATS))})",
+            hint=f"Profile {profile.name} targets {t.format}; change its target.format.",
+        )
+    if model.source_kind in READY_FORMATS and t.format != model.source_kind:
+        raise PlanError(
+            f"the source is a ready {model.source_kind} folder: it ships as it is, to "
+            f"{model.source_kind} profiles only (this one wants {t.format})",
+            hint="Give an HF checkpoint to build every format from one model.",
+        )
+    if model.source_kind == "gguf" and t.format != "gguf":
+        raise PlanError(
+            f"{t.format} is built from an HF checkpoint, and the source is a GGUF file",
+            hint="Pass the model's HF folder (transformers can dequantize a GGUF into one: "
+            "see `edgepack model sample`).",
         )
     context = min(t.context, model.max_context)
     reasons: list[str] = []
@@ -158,7 +182,9 @@ def plan_profile(profile: DeviceProfile, model: ModelInfo) -> ProfilePlan:
     budget = ram_budget_bytes(profile)
     budget_src = (f"ram_budget_gb {t.ram_budget_gb:g}" if t.ram_budget_gb else
                   f"{DEFAULT_BUDGET_FRACTION:.0%} of min_ram_gb {profile.match.min_ram_gb:g}")
-    candidates = [t.quant or "Q4_K_M", *(q for q in t.fallbacks if q != t.quant)]
+    # GGUF names a llama.cpp quant type; ONNX and OpenVINO build a precision directly.
+    first = t.quant or ("Q4_K_M" if t.format == "gguf" else t.precision)
+    candidates = [first, *(q for q in t.fallbacks if q != first)]
     tried: list[str] = []
     for quant in candidates:
         est = estimate_bytes(model, quant, context, fmt=t.format)
@@ -172,11 +198,14 @@ def plan_profile(profile: DeviceProfile, model: ModelInfo) -> ProfilePlan:
             reasons.append(f"{quant} needs {est}, within {budget / GIB:.2f} GiB ({budget_src})")
         else:
             reasons.append(f"{quant} needs {est}; the profile states no RAM budget")
+        if model.source_kind in READY_FORMATS:
+            reasons.append(f"ready {model.source_kind} folder shipped as it is (declared {quant})")
         native = model.native_quant
         if native and native not in ("F32", "F16", "BF16") and quant != native:
             reasons.append(f"source is a {native} GGUF: {quant} quality is bounded by it")
-        precision = GGUF_QUANTS.get(quant, t.precision) if t.format == "gguf" else t.precision
-        variant = Variant(t.runtime, t.format, precision, quant, t.device)
+        precision = GGUF_QUANTS.get(quant, t.precision) if t.format == "gguf" else quant
+        options = tuple(sorted((str(k), v) for k, v in t.options.items()))
+        variant = Variant(t.runtime, t.format, precision, quant, t.device, options)
         return ProfilePlan(profile, variant, est, tuple(reasons), context)
     raise PlanError(
         f"{model.name} ({model.n_params / 1e9:.2f} B params) does not fit profile {profile.name} "

@@ -39,10 +39,11 @@ GEMMA = model_from(GEMMA3_270M_CONFIG, "gemma-3-270m")
 def profile(name: str, *, min_ram_gb: float, runtime: str = "llamacpp", fmt: str = "gguf",
             precision: str = "int4", quant: str = "Q4_K_M", context: int = 2048,
             ram_budget_gb: float = 0.0, fallbacks: tuple[str, ...] = (),
-            device: str = "cpu") -> DeviceProfile:
+            device: str = "cpu", options: dict[str, Any] | None = None) -> DeviceProfile:
     target: dict[str, Any] = {"runtime": runtime, "format": fmt, "precision": precision,
                               "device": device, "context": context,
-                              "ram_budget_gb": ram_budget_gb, "fallbacks": list(fallbacks)}
+                              "ram_budget_gb": ram_budget_gb, "fallbacks": list(fallbacks),
+                              "options": options or {}}
     if quant:
         target["quant"] = quant
     return DeviceProfile.from_dict({"name": name, "match": {"min_ram_gb": min_ram_gb},
@@ -138,11 +139,29 @@ def test_profiles_sharing_a_variant_build_it_once_in_stable_order() -> None:
     assert bp.refused == {}
 
 
-def test_non_gguf_runtimes_are_refused_with_one_clear_reason() -> None:
-    phone = profile("phone", min_ram_gb=6, runtime="ortgenai", fmt="onnx", quant="")
-    bp = plan([phone, IOT_4GB], PHI)
-    assert bp.refused == {"phone": "runtime ortgenai is not buildable yet (GGUF/llama.cpp only)"}
-    assert list(bp.profiles) == ["iot-4gb"]
+def test_onnx_and_openvino_profiles_build_their_precision_with_their_options() -> None:
+    phone = profile("phone", min_ram_gb=6, runtime="ortgenai", fmt="onnx", quant="",
+                    options={"block_size": 32, "accuracy_level": 4})
+    pc = profile("ai-pc", min_ram_gb=16, runtime="openvino", fmt="openvino-ir", quant="",
+                 precision="int8", device="gpu")
+    bp = plan([phone, pc, IOT_4GB], PHI)
+    assert bp.refused == {}
+    onnx = bp.profiles["phone"].variant
+    assert (onnx.runtime, onnx.format, onnx.precision, onnx.quant) == ("ortgenai", "onnx", "int4", "int4")
+    assert dict(onnx.options) == {"block_size": 32, "accuracy_level": 4}
+    assert bp.profiles["ai-pc"].variant.quant == "int8"
+    assert bp.profiles["ai-pc"].variant.key == "openvino-openvino-ir-int8-gpu"
+
+
+def test_options_are_part_of_the_variant_so_different_builds_are_not_shared() -> None:
+    a = profile("a", min_ram_gb=6, runtime="ortgenai", fmt="onnx", quant="", options={"block_size": 32})
+    b = profile("b", min_ram_gb=6, runtime="ortgenai", fmt="onnx", quant="", options={"block_size": 128})
+    c = profile("c", min_ram_gb=8, runtime="ortgenai", fmt="onnx", quant="", options={"block_size": 32})
+    bp = plan([a, b, c], GEMMA)
+    assert len(bp.variants) == 2
+    assert bp.profiles["a"].variant == bp.profiles["c"].variant
+    assert bp.profiles["a"].variant.key != bp.profiles["b"].variant.key
+    assert bp.profiles["a"].variant.key.startswith("ortgenai-onnx-int4-cpu-")
 
 
 def test_plan_collects_refusals_instead_of_stopping() -> None:
@@ -159,10 +178,9 @@ def test_sample_fits_every_constructed_profile() -> None:
     assert {v.quant for v in bp.variants} == {"Q4_K_M", "Q8_0", "F16"}
 
 
-def test_sample_fits_every_shipped_gguf_profile() -> None:
+def test_sample_fits_every_shipped_profile() -> None:
     profiles = load_profiles()
     bp = plan(profiles.values(), GEMMA)
-    for name, why in bp.refused.items():
-        assert "is not buildable yet" in why, f"{name}: {why}"
-    gguf = {n for n, p in profiles.items() if p.target.format == "gguf"}
-    assert set(bp.profiles) == gguf
+    assert bp.refused == {}
+    assert set(bp.profiles) == set(profiles)
+    assert {v.format for v in bp.variants} == {"gguf", "onnx", "openvino-ir"}

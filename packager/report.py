@@ -1,0 +1,150 @@
+"""The packaging report's measurements and chart: speed per variant on this host, and a PNG.
+
+``edgepack build`` measures each built variant's quality (packager.quality); this module adds how
+fast it runs here — the same short fixed benchmark the agent's post-install gate runs
+(:func:`agent.gate.measure`: greedy, fixed prompt, TTFT, decode tok/s, peak RSS) through the
+runtime that will serve it — and draws one point per variant: size against quality loss, the
+marker's colour the decode rate.
+
+Invariants:
+- A variant whose runtime or device cannot run on this host (CUDA, QNN, NPU, ...) still appears,
+  with the reason instead of figures: the report never invents a number.
+- Speed is measured on the CPU with the profile's threads (0 = physical cores); it is a figure of
+  this machine (named in the report), not of the target device.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from agent.errors import EdgepackError
+
+log = logging.getLogger(__name__)
+
+SPEED_TOKENS = 32  # tokens per measured generation: the agent gate's default length
+
+
+def machine_note() -> str:
+    """One line naming this host, for figures measured on it."""
+    import psutil
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return (f"{cpu}, {psutil.cpu_count(logical=False) or psutil.cpu_count()} cores, "
+            f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, {platform.system()} "
+            f"{platform.machine()}, Python {platform.python_version()}")
+
+
+def measure_speed(artifact: Path, runtime: str, *, threads: int = 0, context: int = 1024,
+                  chat_template: str | None = None) -> dict[str, Any]:
+    """TTFT, decode tok/s and peak RSS of one variant on this host's CPU.
+
+    Args:
+        artifact: the variant's file or folder.
+        runtime: the runtime that serves it (a registry name).
+        threads: CPU threads (0 = physical cores).
+        context: the context to load with.
+        chat_template: unused by the benchmark (completion mode); passed so loading matches.
+
+    Returns:
+        ``{"ttft_ms", "decode_tok_s", "peak_rss_mb", "tokens"}``, or ``{"error": reason}`` when the
+        runtime cannot run here or the model fails to generate.
+    """
+    from agent.gate import GateConfig, measure
+    from agent.runtimes import LoadOptions, get_runtime
+
+    try:
+        rt_cls = get_runtime(runtime)
+        rt_cls.check()
+        with rt_cls() as rt:
+            rt.load(artifact, LoadOptions(context=context, threads=threads, chat_template=chat_template))
+            figures = measure(rt, GateConfig(max_tokens=SPEED_TOKENS))
+    except EdgepackError as e:
+        log.warning("speed of %s not measured: %s", artifact.name, e)
+        return {"error": str(e)}
+    log.info("%s: TTFT %.0f ms, decode %.1f tok/s", artifact.name, figures.ttft_ms, figures.decode_tok_s)
+    return figures.to_dict()
+
+
+def write_chart(variants: Mapping[str, Mapping[str, Any]], out: Path, *, title: str) -> Path | None:
+    """Draw size (MiB) against quality loss (Δ perplexity %), one point per variant, coloured by
+    decode tok/s on this host (grey when it could not run here).
+
+    Args:
+        variants: the build report's variants (key -> size_bytes, quality, speed, runtime).
+        out: the PNG to write.
+        title: the chart title.
+
+    Returns:
+        ``out``, or None when matplotlib is not installed (the markdown report stands alone).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on build hosts
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no chart (pip install 'edgepack[packager]')")
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    rates = [float(v.get("speed", {}).get("decode_tok_s") or 0) for v in variants.values()]
+    vmax = max(rates, default=0.0) or 1.0
+    markers = {"llamacpp": "o", "ortgenai": "s", "openvino": "^"}
+    scatter = None
+    for (key, v), rate in zip(variants.items(), rates, strict=True):
+        q = v.get("quality", {})
+        x, y = v["size_bytes"] / 2**20, float(q.get("delta_pct", float("nan")))
+        kw: dict[str, Any] = {"marker": markers.get(str(v.get("runtime")), "D"), "s": 80,
+                              "edgecolors": "black", "linewidths": 0.5}
+        if rate > 0:
+            scatter = ax.scatter([x], [y], c=[rate], cmap="viridis", vmin=0, vmax=vmax, **kw)
+        else:
+            ax.scatter([x], [y], c="lightgrey", **kw)
+        ax.annotate(key, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    if scatter is not None:
+        fig.colorbar(scatter, ax=ax, label="decode tok/s on this host")
+    ax.set_xlabel("bundle payload size (MiB)")
+    ax.set_ylabel("perplexity increase over fp32/f16 reference (%)")
+    ax.set_title(title, fontsize=10)
+    ax.axhline(0, color="grey", linewidth=0.5)
+    ax.grid(True, alpha=0.3)
+    legend = [plt.Line2D([], [], marker=m, linestyle="", color="grey", label=r)
+              for r, m in markers.items()]
+    ax.legend(handles=legend, loc="upper right", fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def precision_class(v: Mapping[str, Any]) -> str:
+    """The precision a variant belongs to across runtimes (int4, int8, fp16, fp32)."""
+    return str(v.get("precision") or "?")
+
+
+def cross_runtime_rows(variants: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Markdown rows comparing the same precision across runtimes (e.g. int4 GGUF vs ONNX vs IR)."""
+    by_precision: dict[str, list[tuple[str, Mapping[str, Any]]]] = {}
+    for key, v in variants.items():
+        by_precision.setdefault(precision_class(v), []).append((key, v))
+    rows: list[str] = []
+    for precision in sorted(by_precision):
+        group = by_precision[precision]
+        if len({v.get("runtime") for _, v in group}) < 2:
+            continue
+        for key, v in group:
+            q, s = v.get("quality", {}), v.get("speed", {})
+            rate = f"{s['decode_tok_s']:.1f}" if "decode_tok_s" in s else "n/a"
+            rows.append(f"| {precision} | {v.get('runtime')} | {key} | {v['size_bytes'] / 2**20:.1f} | "
+                        f"{float(q.get('delta_pct', float('nan'))):+.2f} | "
+                        f"{q.get('top1_agreement') or float('nan'):.3f} | {rate} |")
+    return rows
