@@ -177,6 +177,8 @@ def measure(runtime: Runtime, config: GateConfig) -> Figures:
     params = GenerationParams(max_tokens=config.max_tokens, temperature=0.0, seed=0)
     usages: list[Usage] = []
     for _ in range(config.runs):
+        # Every run evaluates the whole prompt: a kept prefix would make TTFT one token's time.
+        runtime.drop_prompt_cache()
         usage = None
         for chunk in runtime.stream(config.prompt, params):
             peak = max(peak, proc.memory_info().rss)

@@ -24,6 +24,8 @@ from agent.runtimes.base import (
 # name -> "module:Class"; the module is imported lazily by get_runtime().
 RUNTIMES: dict[str, str] = {
     "llamacpp": "agent.runtimes.llamacpp:LlamaCppRuntime",
+    "ortgenai": "agent.runtimes.ortgenai:OrtGenAIRuntime",
+    "openvino": "agent.runtimes.openvino:OpenVINORuntime",
 }
 
 

@@ -441,6 +441,29 @@ class Runtime(abc.ABC):
         """
         self._cancel_event.set()
 
+    def drop_prompt_cache(self) -> None:
+        """Forget KV state kept from the previous generation, so the next prompt is evaluated whole.
+
+        llama.cpp reuses the longest common prefix with the last prompt, which is what serving
+        wants (a chat's next turn) and what a benchmark must not measure: the same prompt twice
+        would report the second TTFT of one token. Runtimes that start every generation from an
+        empty cache have nothing to drop.
+
+        Raises:
+            InferenceError: A generation is running on this instance, or the runtime failed.
+        """
+        if not self._lock.acquire(blocking=False):
+            raise InferenceError(f"{self.name}: busy: another generation or load is running")
+        try:
+            if self._model_path is not None:
+                self._drop_prompt_cache()
+        except EdgepackError:
+            raise
+        except Exception as e:
+            raise InferenceError(f"{self.name}: cannot drop the prompt cache: {e}") from e
+        finally:
+            self._lock.release()
+
     # --- quality -------------------------------------------------------------------------------
 
     def evaluate_nll(self, text: str, *, window: int = 512) -> NllResult:
@@ -501,6 +524,9 @@ class Runtime(abc.ABC):
     def _close(self) -> None:
         """Release the resident model."""
 
+    def _drop_prompt_cache(self) -> None:  # noqa: B027 (optional hook: most runtimes keep no cache)
+        """Forget the KV state of the previous generation (default: there is none)."""
+
 
 def nll_result(total_nll: float, tokens: int, top1: Sequence[int] | None) -> NllResult:
     """Build an :class:`NllResult` from a summed NLL (helper for runtimes).
@@ -525,3 +551,16 @@ def nll_result(total_nll: float, tokens: int, top1: Sequence[int] | None) -> Nll
         tokens=tokens,
         top1=tuple(top1) if top1 is not None else None,
     )
+
+
+def stop_prefix_len(text: str, stops: tuple[str, ...], longest: int) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of some stop string.
+
+    Streaming runtimes hold that many characters back: they may be the start of a stop string
+    that the next token completes, and a stop string is never shown to the user.
+    """
+    for n in range(min(longest - 1, len(text)), 0, -1):
+        tail = text[-n:]
+        if any(s.startswith(tail) for s in stops):
+            return n
+    return 0

@@ -36,6 +36,7 @@ from agent.runtimes.base import (
     StreamStats,
     nll_result,
     score_logits,
+    stop_prefix_len,
 )
 
 if TYPE_CHECKING:
@@ -236,7 +237,7 @@ class LlamaCppRuntime(Runtime):
                         finish = "stop"
                         break
                     # Hold back a tail that could still become a stop string.
-                    hold = _stop_prefix_len(pending, stops, longest_stop)
+                    hold = stop_prefix_len(pending, stops, longest_stop)
                     text, pending = pending[: len(pending) - hold], pending[len(pending) - hold :]
                 yield text
                 if completion >= max_tokens or cancel.is_set():
@@ -250,6 +251,10 @@ class LlamaCppRuntime(Runtime):
         return StreamStats(
             prompt_tokens=len(tokens), completion_tokens=completion, finish_reason=finish
         )
+
+    def _drop_prompt_cache(self) -> None:
+        if self._llm is not None:
+            self._llm.reset()  # n_tokens = 0: the next generate() shares no prefix with the last
 
     def _evaluate_nll(self, text: str, window: int) -> NllResult:
         import llama_cpp
@@ -312,12 +317,3 @@ def _token_text(llm: Llama, token: int) -> str:
     if token < 0:
         return ""
     return llm.detokenize([token], special=True).decode("utf-8", "replace")
-
-
-def _stop_prefix_len(text: str, stops: tuple[str, ...], longest: int) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""
-    for n in range(min(longest - 1, len(text)), 0, -1):
-        tail = text[-n:]
-        if any(s.startswith(tail) for s in stops):
-            return n
-    return 0

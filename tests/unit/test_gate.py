@@ -192,6 +192,23 @@ def test_measure_reports_rates_memory_and_tokens(runtime: PacedRuntime):
     assert set(f.to_dict()) == {"ttft_ms", "decode_tok_s", "peak_rss_mb", "tokens"}
 
 
+def test_every_measured_run_evaluates_the_whole_prompt(runtime: PacedRuntime, monkeypatch):
+    # llama.cpp keeps the last prompt's KV: without a drop, runs after the warm-up would time
+    # one token of prompt, not the prompt.
+    events: list[str] = []
+    monkeypatch.setattr(PacedRuntime, "_drop_prompt_cache", lambda self: events.append("drop"),
+                        raising=False)
+    real_stream = PacedRuntime._stream
+
+    def stream(self, prompt, params, *, chat):
+        events.append("run")
+        return (yield from real_stream(self, prompt, params, chat=chat))
+
+    monkeypatch.setattr(PacedRuntime, "_stream", stream)
+    measure(runtime, GateConfig(max_tokens=4, runs=3))
+    assert events == ["run"] + ["drop", "run"] * 3  # warm-up, then a drop before each run
+
+
 def test_a_model_that_generates_nothing_fails_the_check(runtime: PacedRuntime, monkeypatch):
     monkeypatch.setattr(PacedRuntime, "words", 0)
     with pytest.raises(InferenceError, match="no tokens"):

@@ -93,6 +93,21 @@ class RuntimeContract:
         second, _ = _collect(runtime.stream(PROMPT, GREEDY))
         assert first == second
 
+    def test_dropping_the_prompt_cache_keeps_the_answer_and_a_busy_drop_is_refused(
+        self, runtime: Runtime
+    ) -> None:
+        first, _ = _collect(runtime.stream(PROMPT, GREEDY))
+        runtime.drop_prompt_cache()
+        again, _ = _collect(runtime.stream(PROMPT, GREEDY))
+        assert again == first  # the whole prompt evaluated afresh gives the same greedy text
+        gen = runtime.stream(PROMPT, GREEDY)
+        next(gen)
+        with pytest.raises(InferenceError, match="busy"):
+            runtime.drop_prompt_cache()  # never under a running generation
+        gen.close()
+        runtime.drop_prompt_cache()
+        self.runtime_class().drop_prompt_cache()  # nothing loaded: nothing to drop
+
     def test_max_tokens_is_respected(self, runtime: Runtime) -> None:
         _, chunks = _collect(runtime.stream(PROMPT, GenerationParams(max_tokens=4, temperature=0.0)))
         usage = chunks[-1].usage
