@@ -55,7 +55,7 @@ venv_setup() {
     [ -x "$PY" ] || { say "creating $VENV"; "$base" -m venv "$VENV"; }
     say "installing edgepack and its tools into $VENV (first time: ~10-15 minutes)"
     "$PY" -m pip install -q --upgrade pip
-    "$PY" -m pip install -q "torch==2.13.0" -e ".[llamacpp,packager,dev]"
+    "$PY" -m pip install -q "torch==2.13.0" -e ".[llamacpp,ortgenai,openvino,packager,dev]"
     echo "$want" >"$stamp"
 }
 

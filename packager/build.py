@@ -9,6 +9,7 @@ signed), (5) write and sign one bundle per remaining profile, (6) write a build 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -31,6 +32,8 @@ log = logging.getLogger("packager.build")
 
 PAYLOAD_NAME = {"gguf": "model.gguf"}  # single-file formats; folders ship under FOLDER_NAME
 FOLDER_NAME = "model"
+# Formats whose device builds only load on that device: their quality is scored on the CPU build.
+CPU_PROXY_FORMATS = frozenset({"onnx"})
 # format -> (module, build function, reference function); imported only when that format is built.
 # A build function is f(model, variant, out_dir, *, cache_dir, threads) -> file or folder, a
 # reference function f(model, cache_dir, *, threads) -> the full-precision artifact to score against.
@@ -182,6 +185,15 @@ def measure_variant(model: ModelInfo, variant: Variant, artifact: Path, *, cache
     if model.source_kind == variant.format:
         return measure(artifact, artifact, runtime=variant.runtime, threads=threads,
                        variant_name=variant.quant, reference_name="none (ready folder)")
+    if variant.format in CPU_PROXY_FORMATS and variant.device != "cpu":
+        # An ONNX build for CUDA or DirectML only loads where that EP exists; its weights are the
+        # CPU build's (same precision and options), which is what gets scored, and the manifest
+        # says so (``measured_as``).
+        proxy = dataclasses.replace(variant, device="cpu")
+        log.info("%s cannot load on this host's CPU: scoring %s instead", variant.key, proxy.key)
+        q = measure_variant(model, proxy, build_variant(model, proxy, cache_dir=cache_dir, threads=threads),
+                            cache_dir=cache_dir, threads=threads)
+        return dataclasses.replace(q, measured_as=proxy.key)
     _, reference_fn = _backend(variant.format)
     ref = Path(reference_fn(model, cache_dir, threads=threads))
     if variant.format == "gguf":  # GGUF files name their own quant type
@@ -282,6 +294,8 @@ def build(
         log.warning("profile %s: %s", name, why)
     artifacts: dict[str, Path] = {}
     qualities: dict[str, QualityReport] = {}
+    # One GGUF file serves cpu, cuda and metal profiles alike: time each (artifact, runtime) once.
+    speeds: dict[tuple[Path, str], dict[str, Any]] = {}
     for i, v in enumerate(bp.variants, 1):  # (2) each distinct variant once
         log.info("[%d/%d] building %s", i, len(bp.variants), v.key)
         artifacts[v.key] = build_variant(model, v, cache_dir=cache_dir, threads=threads)
@@ -295,9 +309,11 @@ def build(
         if speed:
             from packager.report import measure_speed
 
-            log.info("[%d/%d] timing %s on this host", i, len(bp.variants), v.key)
-            report.variants[v.key]["speed"] = measure_speed(artifacts[v.key], v.runtime,
-                                                            threads=threads)
+            where = (artifacts[v.key].resolve(), v.runtime)
+            if where not in speeds:
+                log.info("[%d/%d] timing %s on this host", i, len(bp.variants), v.key)
+                speeds[where] = measure_speed(artifacts[v.key], v.runtime, threads=threads)
+            report.variants[v.key]["speed"] = speeds[where]
     template = chat_template_of(model)
     for name, pp in bp.profiles.items():
         q = qualities[pp.variant.key]

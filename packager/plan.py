@@ -27,6 +27,13 @@ GIB = 1024**3
 # Formats the packager can build now. The single extension point for new converters.
 BUILDABLE_FORMATS: frozenset[str] = frozenset({"gguf", "onnx", "openvino-ir"})
 
+# Devices each converter can target (GGUF files run on any llama.cpp backend). The onnxruntime-genai
+# 0.18 builder has no QNN target: Hexagon NPU models come from Qualcomm's own toolchain.
+BUILDABLE_DEVICES: dict[str, frozenset[str]] = {
+    "onnx": frozenset({"cpu", "cuda", "dml"}),
+    "openvino-ir": frozenset({"cpu", "gpu", "npu"}),
+}
+
 # Average stored bits per weight, scales and all. K-quants mix block types per tensor, hence the
 # fractional values (llama.cpp's own reported sizes for 7B-class models).
 GGUF_BITS_PER_WEIGHT = {
@@ -162,6 +169,12 @@ def plan_profile(profile: DeviceProfile, model: ModelInfo) -> ProfilePlan:
         raise PlanError(
             f"format {t.format} is not buildable (known: {', '.join(sorted(BUILDABLE_FORMATS))})",
             hint=f"Profile {profile.name} targets {t.format}; change its target.format.",
+        )
+    devices = BUILDABLE_DEVICES.get(t.format)
+    if devices is not None and t.device not in devices:
+        raise PlanError(
+            f"{t.format} cannot be built for device {t.device} (buildable: {', '.join(sorted(devices))})",
+            hint=f"Change profile {profile.name}'s target.device, or its format.",
         )
     if model.source_kind in READY_FORMATS and t.format != model.source_kind:
         raise PlanError(

@@ -52,6 +52,7 @@ class QualityReport:
     eval_sha256: str
     runtime: str = "llamacpp"
     window: int = 512
+    measured_as: str = ""  # another variant's key when this one cannot load here (its CPU build)
 
     def to_manifest(self) -> dict[str, Any]:
         """The report as the manifest's ``quality`` table (floats rounded for stable output)."""
@@ -61,6 +62,8 @@ class QualityReport:
         d["delta_pct"] = round(self.delta_pct, 3)
         if self.top1_agreement is not None:
             d["top1_agreement"] = round(self.top1_agreement, 6)
+        if not self.measured_as:
+            del d["measured_as"]
         return d
 
 
@@ -96,7 +99,7 @@ def measure(variant_path: Path, reference_path: Path, *, runtime: str = "llamacp
         InferenceError: loading or scoring a model failed.
     """
     text, eval_sha = eval_text()
-    ref_digest = sha256_file(reference_path) if reference_path.is_file() else str(reference_path)
+    ref_digest = _digest(reference_path)
     key = (ref_digest, runtime, window, eval_sha)
     ref = _reference_results.get(key)
     if ref is None:
@@ -139,8 +142,7 @@ def _score(path: Path, text: str, *, runtime: str, threads: int, window: int) ->
     from agent.runtimes import LoadOptions, NllResult, get_runtime
 
     rt_cls = get_runtime(runtime)
-    digest = sha256_file(path) if path.is_file() else sha256_files(
-        sorted(p for p in path.rglob("*") if p.is_file()), root=path)
+    digest = _digest(path)
     version = str(rt_cls.describe().get("version", ""))
     key = hashlib.sha256(
         f"{digest}|{runtime}|{version}|{window}|{hashlib.sha256(text.encode()).hexdigest()}".encode()
@@ -170,6 +172,19 @@ def _score(path: Path, text: str, *, runtime: str, threads: int, window: int) ->
                                    "tokens": result.tokens,
                                    "top1": list(result.top1) if result.top1 is not None else None}))
     return result
+
+
+# (path, size, mtime_ns) of a file, or the same for every file of a folder -> sha256. A build scores
+# the same 1 GB fp32 reference folder once per variant; its bytes are hashed once per process.
+_digests: dict[tuple[Any, ...], str] = {}
+
+
+def _digest(path: Path) -> str:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    stamp = (str(path), *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if stamp not in _digests:
+        _digests[stamp] = sha256_file(path) if path.is_file() else sha256_files(files, root=path)
+    return _digests[stamp]
 
 
 def _quant_name(path: Path) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import platform
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +75,49 @@ def measure_speed(artifact: Path, runtime: str, *, threads: int = 0, context: in
     return figures.to_dict()
 
 
+@dataclass(frozen=True)
+class ChartPoint:
+    """One marker of the chart: the variants that share an artifact's figures, merged."""
+
+    runtime: str
+    size_mib: float
+    delta_pct: float
+    decode_tok_s: float  # 0 when it could not run here
+    label: str  # "llamacpp Q8_0 (cpu, cuda, metal)"
+
+
+def chart_points(variants: Mapping[str, Mapping[str, Any]]) -> list[ChartPoint]:
+    """The chart's points. Pure.
+
+    Variants with the same runtime, quant, size and quality (one GGUF file for cpu, cuda and
+    metal profiles; one IR for CPU and GPU) are one point whose label lists their devices, so
+    labels do not print over each other.
+
+    Args:
+        variants: the build report's variants (key -> runtime, quant, device, size_bytes,
+            quality, speed).
+
+    Returns:
+        The points in first-seen order.
+    """
+    groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
+    for v in variants.values():
+        q = v.get("quality", {})
+        key = (v.get("runtime"), v.get("quant") or v.get("precision"), v["size_bytes"],
+               round(float(q.get("delta_pct", float("nan"))), 3))
+        groups.setdefault(key, []).append(v)
+    points = []
+    for (runtime, quant, size, delta), group in groups.items():
+        devices = sorted({str(v.get("device") or "?") for v in group})
+        rate = max(float(v.get("speed", {}).get("decode_tok_s") or 0) for v in group)
+        points.append(ChartPoint(str(runtime), size / 2**20, delta, rate,
+                                 f"{runtime} {quant} ({', '.join(devices)})"))
+    return points
+
+
 def write_chart(variants: Mapping[str, Mapping[str, Any]], out: Path, *, title: str) -> Path | None:
-    """Draw size (MiB) against quality loss (Δ perplexity %), one point per variant, coloured by
-    decode tok/s on this host (grey when it could not run here).
+    """Draw size (MiB) against quality loss (Δ perplexity %), one point per artifact (see
+    :func:`chart_points`), coloured by decode tok/s on this host (grey when it could not run here).
 
     Args:
         variants: the build report's variants (key -> size_bytes, quality, speed, runtime).
@@ -94,31 +135,41 @@ def write_chart(variants: Mapping[str, Mapping[str, Any]], out: Path, *, title: 
     except ImportError:
         log.warning("matplotlib is not installed: no chart (pip install 'edgepack[packager]')")
         return None
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    rates = [float(v.get("speed", {}).get("decode_tok_s") or 0) for v in variants.values()]
-    vmax = max(rates, default=0.0) or 1.0
+    points = chart_points(variants)
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    vmax = max((p.decode_tok_s for p in points), default=0.0) or 1.0
     markers = {"llamacpp": "o", "ortgenai": "s", "openvino": "^"}
     scatter = None
-    for (key, v), rate in zip(variants.items(), rates, strict=True):
-        q = v.get("quality", {})
-        x, y = v["size_bytes"] / 2**20, float(q.get("delta_pct", float("nan")))
-        kw: dict[str, Any] = {"marker": markers.get(str(v.get("runtime")), "D"), "s": 80,
+    xs, ys = [p.size_mib for p in points], [p.delta_pct for p in points]
+    span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    placed: list[ChartPoint] = []
+    for p in points:
+        # A label next to a labelled neighbour goes under its point instead of over the other.
+        crowded = any(abs(p.size_mib - o.size_mib) < 0.1 * span_x
+                      and abs(p.delta_pct - o.delta_pct) < 0.1 * span_y for o in placed)
+        placed.append(p)
+        kw: dict[str, Any] = {"marker": markers.get(p.runtime, "D"), "s": 80,
                               "edgecolors": "black", "linewidths": 0.5}
-        if rate > 0:
-            scatter = ax.scatter([x], [y], c=[rate], cmap="viridis", vmin=0, vmax=vmax, **kw)
+        if p.decode_tok_s > 0:
+            scatter = ax.scatter([p.size_mib], [p.delta_pct], c=[p.decode_tok_s], cmap="viridis",
+                                 vmin=0, vmax=vmax, **kw)
         else:
-            ax.scatter([x], [y], c="lightgrey", **kw)
-        ax.annotate(key, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+            ax.scatter([p.size_mib], [p.delta_pct], c="lightgrey", **kw)
+        ax.annotate(p.label, (p.size_mib, p.delta_pct), textcoords="offset points",
+                    xytext=(6, -12) if crowded else (6, 5), fontsize=7)
     if scatter is not None:
-        fig.colorbar(scatter, ax=ax, label="decode tok/s on this host")
+        fig.colorbar(scatter, ax=ax, label="decode tok/s on this host (grey: cannot run here)")
     ax.set_xlabel("bundle payload size (MiB)")
     ax.set_ylabel("perplexity increase over fp32/f16 reference (%)")
     ax.set_title(title, fontsize=10)
     ax.axhline(0, color="grey", linewidth=0.5)
     ax.grid(True, alpha=0.3)
+    ax.margins(x=0.25, y=0.12)  # room for the labels right of the outermost points
     legend = [plt.Line2D([], [], marker=m, linestyle="", color="grey", label=r)
               for r, m in markers.items()]
-    ax.legend(handles=legend, loc="upper right", fontsize=8)
+    # Below the axes: inside, it covers whichever corner a point lands in.
+    ax.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(markers),
+              fontsize=8, frameon=False)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)

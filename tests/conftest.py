@@ -93,7 +93,8 @@ def agent_bundles(tmp_path_factory, sample_model) -> dict[str, Path]:
     prof = DeviceProfile.from_dict(AGENT_PROFILE)
     out: dict[str, Path] = {}
     for v in (1, 2):
-        report = build(model, [prof], key, d / f"v{v}", cache_dir=cache, bundle_version=v)
+        report = build(model, [prof], key, d / f"v{v}", cache_dir=cache, bundle_version=v,
+                       speed=False)
         out[f"v{v}"] = report.bundles[0].path
     garbage = d / "garbage.gguf"
     garbage.write_bytes(b"GGUF" + b"\0" * 4096)

@@ -184,3 +184,9 @@ def test_sample_fits_every_shipped_profile() -> None:
     assert bp.refused == {}
     assert set(bp.profiles) == set(profiles)
     assert {v.format for v in bp.variants} == {"gguf", "onnx", "openvino-ir"}
+
+
+def test_a_device_the_converter_cannot_target_is_refused_with_the_buildable_ones() -> None:
+    qnn = profile("npu-pc", min_ram_gb=16, runtime="ortgenai", fmt="onnx", quant="", device="qnn")
+    with pytest.raises(PlanError, match=r"onnx cannot be built for device qnn \(buildable: cpu, cuda, dml\)"):
+        plan_profile(qnn, GEMMA)
