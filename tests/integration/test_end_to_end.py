@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
+from agentkit import AGENT
 
 from agent.cli import main as agent
 from packager.cli import main as edgepack
@@ -108,13 +110,22 @@ def test_bundle_verify_and_inspect(built, keys, capsys):
     assert "<start_of_turn>" in m["generation"]["chat_template"]
 
 
-def test_install_and_stream_an_answer_q8_then_q4(built, keys, tmp_path, capsys):
+def test_install_and_stream_an_answer_q8_then_q4(built, keys, tmp_path):
+    # As on a device: the agent is its own process. The post-install gate checks the process's
+    # peak RSS against x86-64-cpu's max_rss_mb, and this test process holds torch and every
+    # model the session loaded before; in-process it would be judged by the test harness's memory.
     state = ["--state-dir", str(tmp_path / "state"), "--keyring", str(keys[1])]
-    assert agent([*state, "install", built["x86-64-cpu"]["bundle"]]) == 0
-    capsys.readouterr()
-    assert agent([*state, "infer", "The capital of France is", "--max-tokens", "24",
-                  "--temperature", "0", "--json"]) == 0
-    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([AGENT, *state, *args], capture_output=True, text=True, timeout=300)
+
+    r = run("install", built["x86-64-cpu"]["bundle"], "--json")
+    assert r.returncode == 0, r.stderr
+    check = json.loads(r.stdout)["check"]
+    assert 0 < check["peak_rss_mb"] <= 2048.0 and check["decode_tok_s"] >= 5.0, check
+    r = run("infer", "The capital of France is", "--max-tokens", "24", "--temperature", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
     text = "".join(x.get("text", "") for x in lines)
     assert lines[-1]["done"] and lines[-1]["usage"]["completion_tokens"] > 0
     assert len(lines) > 3  # streamed in chunks, not one blob
@@ -122,8 +133,8 @@ def test_install_and_stream_an_answer_q8_then_q4(built, keys, tmp_path, capsys):
     assert len(text.split()) >= 8 and _words_ratio(text) > 0.6, text
 
     # A newer INT4 bundle replaces it (same version 100 but another model digest is refused):
-    assert agent([*state, "install", built["x86-64-int4"]["bundle"]]) == 1
-    assert "never reused" in capsys.readouterr().err
+    r = run("install", built["x86-64-int4"]["bundle"])
+    assert r.returncode == 1 and "never reused" in r.stderr, r.stderr
 
 
 def test_install_q4_k_m_and_infer(built, keys, tmp_path, capsys):
