@@ -527,7 +527,7 @@ def main() -> None:
         agent_side_ttft = median([float((r["agent_usage"] or {}).get("ttft_ms", float("nan")))
                                   for r in ours_inf])
         def per_tok(rows: list[dict[str, Any]], key: str) -> float:
-            return median([r["cpu_ms"][key] / max(1, r["chunks"]) for r in rows])
+            return median([r["cpu_ms"][key] / max(1, r.get("tokens", r["chunks"])) for r in rows])
 
         cpu = {"agent_ms_per_token": per_tok(ours_inf, "agent"),
                "raw_ms_per_token": per_tok(raw_inf, "raw"),
