@@ -25,13 +25,14 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.errors import ConvertError, ModelSourceError, PackagingError, QuantizeError
+from packager._tools import TAIL_LINES, run_streaming
 from packager.cache import atomic_dir, atomic_file, copy_atomic
 from packager.model import ModelInfo, gguf_file_type_name, read_gguf_header
 
@@ -49,7 +50,8 @@ CONVERTER_MEMBERS = (CONVERTER_SCRIPT, "conversion/", "gguf-py/", "models/templa
 FLOAT_TYPES = ("F32", "F16", "BF16")
 # llama.cpp's llama_ftype values (include/llama.h), by our quant names.
 LLAMA_FTYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17}
-_TAIL_LINES = 40  # stderr lines kept for ConvertError.stderr_tail
+# The converter logs a line per tensor: debug level, so -v shows them and the default is calm.
+_PER_TENSOR = re.compile(r"^INFO:hf-to-gguf:[\w.]+,")
 
 
 def llama_cpp_version() -> str:
@@ -162,7 +164,7 @@ def convert_hf_to_f16(hf_dir: Path, dst: Path, *, cache_dir: Path, model_name: s
         cmd = [sys.executable, str(conv / CONVERTER_SCRIPT), str(hf_dir), "--outfile", str(tmp),
                "--outtype", "f16", *(["--model-name", model_name] if model_name else [])]
         log.info("converting %s -> %s (F16)", hf_dir, dst.name)
-        rc, tail = _run_streaming(cmd, env=env, prefix="convert: ")
+        rc, tail = run_streaming(cmd, env=env, prefix="convert: ", log=log, quiet=_PER_TENSOR)
         if rc != 0:
             raise ConvertError(f"llama.cpp's converter failed on {hf_dir} (exit {rc})",
                                returncode=rc, stderr_tail=tail)
@@ -170,40 +172,8 @@ def convert_hf_to_f16(hf_dir: Path, dst: Path, *, cache_dir: Path, model_name: s
     return dst
 
 
-def _run_streaming(cmd: list[str], *, env: dict[str, str], prefix: str) -> tuple[int, str]:
-    """Run ``cmd`` streaming its merged output to the log; return (exit code, output tail)."""
-    tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    assert proc.stdout is not None
-    try:
-        for line in _lines(proc.stdout):
-            tail.append(line)
-            # per-tensor lines are many; keep them at debug so -v shows them and default is calm
-            level = logging.DEBUG if re.match(r"^INFO:hf-to-gguf:[\w.]+,", line) else logging.INFO
-            log.log(level, "%s%s", prefix, line)
-        return proc.wait(), "\n".join(tail)
-    except BaseException:
-        proc.kill()  # Ctrl-C or a logging failure: do not leave the converter writing
-        proc.wait()
-        raise
-
-
-def _lines(stream: object) -> Iterator[str]:
-    # tqdm redraws with \r: treat it as a line end so progress shows up and memory stays bounded
-    buf = b""
-    read: Callable[[int], bytes] = stream.read1  # type: ignore[attr-defined]
-    while chunk := read(65536):
-        buf += chunk
-        *done, buf = re.split(rb"\r\n|\r|\n", buf)
-        for raw in done:
-            if raw.strip():
-                yield raw.decode("utf-8", "replace").rstrip()
-    if buf.strip():
-        yield buf.decode("utf-8", "replace").rstrip()
-
-
 def _tail(text: str) -> str:
-    return "\n".join(text.strip().splitlines()[-_TAIL_LINES:])
+    return "\n".join(text.strip().splitlines()[-TAIL_LINES:])
 
 
 # --- (b) quantization -----------------------------------------------------------------------------
@@ -250,7 +220,7 @@ def quantize(src_gguf: Path, dst: Path, quant: str, *, threads: int = 0,
         if rc != 0:
             raise QuantizeError(f"llama_model_quantize {src_gguf.name} -> {quant} failed "
                                 f"(returned {rc})", returncode=rc,
-                                stderr_tail="\n".join(lines[-_TAIL_LINES:]))
+                                stderr_tail="\n".join(lines[-TAIL_LINES:]))
     log.info("quantized to %s in %.1f s (%.0f MB)", quant, time.monotonic() - t0,
              dst.stat().st_size / 1e6)
     return dst

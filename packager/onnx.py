@@ -20,14 +20,12 @@ Nothing partial is ever cached: a failed or interrupted build leaves no folder b
 
 from __future__ import annotations
 
-import collections
 import copy
 import importlib.util
 import json
 import logging
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,8 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import ConvertError, PackagingError
+from packager._tools import run_streaming
 from packager.cache import atomic_dir, atomic_file, copy_atomic
-from packager.gguf import _lines
 from packager.model import ModelInfo
 
 if TYPE_CHECKING:
@@ -80,7 +78,6 @@ QUANTIZED = ("int4", "int8")
 DEFAULT_MAX_LENGTH = 2048
 BUILD_MARKER = "edgepack-build.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
-_TAIL_LINES = 40
 # Builder output that is one line per tensor or node: debug level, so -v shows it.
 _CHATTY = re.compile(r"matmul_nbits_quantizer|^Saving \S+ \(|^Loading weights|it/s\]$")
 
@@ -302,7 +299,7 @@ def _ensure_build(model: ModelInfo, precision: str, device: str, options: Mappin
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if threads > 0:
             env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        rc, tail = _run_builder(cmd, env=env)
+        rc, tail = run_streaming(cmd, env=env, prefix="ort-builder: ", log=log, quiet=_CHATTY)
         if rc != 0:
             raise ConvertError(f"the onnxruntime-genai builder failed on {model.path} "
                                f"({precision}, {device}; exit {rc})", returncode=rc,
@@ -331,22 +328,6 @@ def _dist_version(dist: str) -> str:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return ""
-
-
-def _run_builder(cmd: list[str], *, env: dict[str, str]) -> tuple[int, str]:
-    """Run the builder streaming its merged output to the log; return (exit code, output tail)."""
-    tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    assert proc.stdout is not None
-    try:
-        for line in _lines(proc.stdout):
-            tail.append(line)
-            log.log(logging.DEBUG if _CHATTY.search(line) else logging.INFO, "ort-builder: %s", line)
-        return proc.wait(), "\n".join(tail)
-    except BaseException:
-        proc.kill()  # Ctrl-C or a logging failure: do not leave the builder writing
-        proc.wait()
-        raise
 
 
 def finish_folder(out: Path, hf_dir: Path, *, max_length: int = DEFAULT_MAX_LENGTH) -> None:

@@ -27,7 +27,6 @@ Workflow and cache:
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import fcntl
 import hashlib
@@ -37,7 +36,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -46,8 +44,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import ConvertError, PackagingError
+from packager._tools import run_streaming
 from packager.cache import atomic_dir, atomic_file, copy_atomic
-from packager.gguf import _lines
 from packager.model import ModelInfo
 
 if TYPE_CHECKING:
@@ -107,10 +105,8 @@ CHECK_BOUNDS: Mapping[str, tuple[float, float]] = {
     "fp32": (0.9, 1.05), "fp16": (0.85, 1.1), "int8": (0.7, 1.3), "int4": (0.4, 1.8),
 }
 _CHECK_MARK = "EDGEPACK_CHECK "
-_TAIL_LINES = 40
-_ERROR_LINES = 8
-_ERROR_LINE = re.compile(r"Error\b|error:|^Failed|Traceback")
-_PROGRESS_EVERY_S = 5.0  # a redrawn progress bar is logged at most this often
+# Exporter lines logged at debug: torch's tracer warnings and their indented context.
+_TOOL_NOISE = re.compile(r"TracerWarning|^  ")
 
 
 # --- (a) export arguments, pure --------------------------------------------------------------------
@@ -387,52 +383,6 @@ def _tool_env(threads: int) -> dict[str, str]:
     return env
 
 
-def _progress_key(line: str) -> str | None:
-    # A redrawn progress bar ("Applying Weight Compression ━━━ 45% • 0:00:04", tqdm's "12/236
-    # [...]"): the text before its first digit or bar glyph identifies it.
-    if not re.search(r"\d+%", line) or not re.search(r"━|\||it/s", line):
-        return None
-    return re.split(r"[\d━╸|]", line, maxsplit=1)[0].strip() or "progress"
-
-
-def _run_streaming(cmd: list[str], *, env: dict[str, str] | None, prefix: str,
-                   on_line: Any = None, level: int = logging.INFO) -> tuple[int, str]:
-    """Run ``cmd`` streaming its merged output to the log; return (exit code, output tail).
-
-    ``on_line(line)`` sees every line first and returns True to swallow it; redrawn progress
-    bars are logged at most every few seconds; ``level`` is the level of ordinary lines.
-    """
-    tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
-    # The line that says what went wrong can be followed by more than a tail's worth of detail
-    # (NNCF lists every failing layer): keep the last error lines apart.
-    errors: collections.deque[str] = collections.deque(maxlen=_ERROR_LINES)
-    last_progress: dict[str, float] = {}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    assert proc.stdout is not None
-    try:
-        for line in _lines(proc.stdout):
-            if on_line is not None and on_line(line):
-                continue
-            tail.append(line)
-            if _ERROR_LINE.search(line):
-                errors.append(line)
-            key = _progress_key(line)
-            now = time.monotonic()
-            if key is not None and "100%" not in line:
-                if now - last_progress.get(key, 0.0) < _PROGRESS_EVERY_S:
-                    continue
-                last_progress[key] = now
-            noise = "TracerWarning" in line or line.startswith("  ")
-            log.log(logging.DEBUG if noise else level, "%s%s", prefix, line)
-        rc = proc.wait()
-    except BaseException:
-        proc.kill()  # Ctrl-C or a logging failure: do not leave the tool writing
-        proc.wait()
-        raise
-    earlier = [e for e in errors if e not in tail]
-    return rc, "\n".join([*earlier, "...", ""] if earlier else []) + "\n".join(tail)
-
-
 def _run_checked(cmd: list[str], *, what: str, prefix: str, hint: str = "") -> str:
     out: list[str] = []
 
@@ -442,8 +392,8 @@ def _run_checked(cmd: list[str], *, what: str, prefix: str, hint: str = "") -> s
 
     # pip and venv are chatty (one line per package and index location): debug level; our own
     # messages around each step say what is happening.
-    rc, tail = _run_streaming(cmd, env=_tool_env(0), prefix=prefix, on_line=keep,
-                              level=logging.DEBUG)
+    rc, tail = run_streaming(cmd, env=_tool_env(0), prefix=prefix, log=log, on_line=keep,
+                             level=logging.DEBUG)
     if rc != 0:
         err = ConvertError(f"converter environment: {what} failed (exit {rc})"
                            + (f": {hint}" if hint else ""), returncode=rc, stderr_tail=tail)
@@ -532,7 +482,8 @@ def export_ir(model: ModelInfo, spec: ExportSpec, *, cache_dir: Path, threads: i
 
     with atomic_dir(dst) as tmp:
         cmd = export_command(py, model.path, tmp, spec, threads=threads)
-        rc, tail = _run_streaming(cmd, env=_tool_env(threads), prefix="openvino: ", on_line=grab)
+        rc, tail = run_streaming(cmd, env=_tool_env(threads), prefix="openvino: ", log=log,
+                                 quiet=_TOOL_NOISE, on_line=grab)
         if rc != 0:
             # ConvertError.diagnostics() shows the tool's output tail, so the advice goes into
             # the message as well as the hint.

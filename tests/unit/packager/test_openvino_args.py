@@ -232,14 +232,6 @@ def test_an_unstamped_env_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert seen == []
 
 
-def test_progress_bars_are_recognised_but_tables_are_not() -> None:
-    assert ov._progress_key("Applying Weight Compression ━━━━━━ 45% • 0:00:04 • 0:00:05") == \
-        "Applying Weight Compression"
-    assert ov._progress_key("Loading weights:  12%|█▏        | 28/236 [00:00<00:01]") == "Loading weights:"
-    assert ov._progress_key("│ int8_asym, per-channel    │ 100% (127 / 129)            │") is None
-    assert ov._progress_key("INFO:nncf:Statistics of the bitwidth distribution:") is None
-
-
 def test_non_hf_sources_are_refused(tmp_path: Path) -> None:
     from packager.model import ModelInfo
 
@@ -251,17 +243,3 @@ def test_non_hf_sources_are_refused(tmp_path: Path) -> None:
         ov.build_openvino_variant(gguf, Variant("openvino", "openvino-ir", "int8", "int8", "cpu"),
                                   tmp_path / "out", cache_dir=tmp_path, threads=1)
     assert not (tmp_path / "out").exists()
-
-
-def test_tool_output_keeps_the_error_line_ahead_of_a_long_tail() -> None:
-    # NNCF names the problem once, then lists every failing layer: more than a tail's worth.
-    code = ("import sys\n"
-            "print('nncf.errors.InvalidGroupSizeError: Failed to apply group-wise quantization "
-            "with group size value 256.')\n"
-            "for i in range(100): print(f'  node {i} (channel size: 640)')\n"
-            "sys.exit(3)\n")
-    rc, tail = ov._run_streaming([sys.executable, "-c", code], env=None, prefix="test: ")
-    assert rc == 3
-    assert tail.startswith("nncf.errors.InvalidGroupSizeError") and "node 99" in tail
-    assert "node 10 " not in tail
-    assert "group_size_fallback" in ov._export_hint(tail)
