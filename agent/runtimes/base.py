@@ -20,6 +20,7 @@ Workflow: ``check()`` -> ``load(path, LoadOptions(...))`` -> ``stream(prompt, Ge
 from __future__ import annotations
 
 import abc
+import importlib
 import math
 import threading
 import time
@@ -29,7 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from agent.errors import EdgepackError, InferenceError
+from agent.errors import EdgepackError, InferenceError, RuntimeUnavailableError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -553,12 +554,65 @@ def nll_result(total_nll: float, tokens: int, top1: Sequence[int] | None) -> Nll
     )
 
 
-def stop_prefix_len(text: str, stops: tuple[str, ...], longest: int) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of some stop string.
+def require_module(runtime: str, module: str, package: str, hint: str) -> None:
+    """Import ``module`` for a runtime's ``check()``, or say why it cannot be used here.
 
-    Streaming runtimes hold that many characters back: they may be the start of a stop string
-    that the next token completes, and a stop string is never shown to the user.
+    Args:
+        runtime: the runtime's registry name.
+        module: the module to import (``llama_cpp``).
+        package: what the user installs (``llama-cpp-python``).
+        hint: the install command.
+
+    Raises:
+        RuntimeUnavailableError: the package is not installed, or it is and its native library
+            does not load (wrong ISA, missing libc).
     """
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise RuntimeUnavailableError(f"{package} is not installed ({hint})", runtime=runtime,
+                                      hint=hint) from e
+    except (OSError, RuntimeError) as e:
+        raise RuntimeUnavailableError(f"{package} is installed but cannot load: {e}",
+                                      runtime=runtime) from e
+
+
+class StopStrings:
+    """Cuts streamed text at the first stop string; a stop string is never shown to the user.
+
+    Runtimes feed each decoded piece as it comes. A tail that could still become a stop string
+    once the next piece arrives is held back until it cannot (or the generation ends).
+    """
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self._stops = stops
+        self._longest = max((len(s) for s in stops), default=0)
+        self._pending = ""
+        self.hit = False  # a stop string was found: the generation should end
+
+    def feed(self, text: str) -> str:
+        """The part of the text so far that can be shown now (after a hit: nothing more)."""
+        if not self._stops:
+            return text
+        if self.hit:
+            return ""
+        pending = self._pending + text
+        cut = min((i for i in (pending.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self._pending, self.hit = "", True
+            return pending[:cut]
+        hold = _stop_prefix_len(pending, self._stops, self._longest)
+        self._pending = pending[len(pending) - hold :]
+        return pending[: len(pending) - hold]
+
+    def flush(self) -> str:
+        """What is still held back, for the end of a generation that met no stop string."""
+        out, self._pending = ("" if self.hit else self._pending), ""
+        return out
+
+
+def _stop_prefix_len(text: str, stops: tuple[str, ...], longest: int) -> int:
+    # Length of the longest suffix of text that is a proper prefix of some stop string.
     for n in range(min(longest - 1, len(text)), 0, -1):
         tail = text[-n:]
         if any(s.startswith(tail) for s in stops):

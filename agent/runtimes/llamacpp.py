@@ -27,16 +27,17 @@ from collections.abc import Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from agent.errors import InferenceError, RuntimeUnavailableError
+from agent.errors import InferenceError
 from agent.runtimes.base import (
     GenerationParams,
     LoadOptions,
     NllResult,
     Runtime,
+    StopStrings,
     StreamStats,
     nll_result,
+    require_module,
     score_logits,
-    stop_prefix_len,
 )
 
 if TYPE_CHECKING:
@@ -71,19 +72,7 @@ class LlamaCppRuntime(Runtime):
         Raises:
             RuntimeUnavailableError: It is not installed or its native library fails to load.
         """
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError as e:
-            raise RuntimeUnavailableError(
-                f"llama-cpp-python is not installed ({_INSTALL_HINT})",
-                runtime=cls.name,
-                hint=_INSTALL_HINT,
-            ) from e
-        except (OSError, RuntimeError) as e:
-            # The wheel is there but its shared library does not load (wrong ISA, missing libc).
-            raise RuntimeUnavailableError(
-                f"llama-cpp-python is installed but cannot load: {e}", runtime=cls.name
-            ) from e
+        require_module(cls.name, "llama_cpp", "llama-cpp-python", _INSTALL_HINT)
 
     @classmethod
     def describe(cls) -> dict[str, Any]:
@@ -195,8 +184,7 @@ class LlamaCppRuntime(Runtime):
                 f"prompt of {len(tokens)} tokens does not fit the context of {self._n_ctx}"
             )
         max_tokens = min(params.max_tokens, room)
-        stops = params.stop
-        longest_stop = max((len(s) for s in stops), default=0)
+        stops = StopStrings(params.stop)
         cancel = self._cancel_event
         pieces = self._pieces
         vocab = self._vocab
@@ -216,7 +204,6 @@ class LlamaCppRuntime(Runtime):
         )
         completion = 0
         finish = "length"
-        pending = ""
         try:
             for token in gen:
                 entry = pieces.get(token)
@@ -227,27 +214,18 @@ class LlamaCppRuntime(Runtime):
                     finish = "stop"
                     break
                 completion += 1
-                text = decoder.decode(piece)
-                if stops:
-                    pending += text
-                    cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
-                    if cut >= 0:
-                        yield pending[:cut]
-                        pending = ""
-                        finish = "stop"
-                        break
-                    # Hold back a tail that could still become a stop string.
-                    hold = stop_prefix_len(pending, stops, longest_stop)
-                    text, pending = pending[: len(pending) - hold], pending[len(pending) - hold :]
-                yield text
+                yield stops.feed(decoder.decode(piece))
+                if stops.hit:
+                    finish = "stop"
+                    break
                 if completion >= max_tokens or cancel.is_set():
                     break
         finally:
             gen.close()
-        if finish != "stop":
-            tail = pending + decoder.decode(b"", final=True)
-            if tail:
-                yield tail
+        # What the UTF-8 decoder and the stop-string filter still hold (nothing after a stop string).
+        tail = stops.feed(decoder.decode(b"", final=True)) + stops.flush()
+        if tail:
+            yield tail
         return StreamStats(
             prompt_tokens=len(tokens), completion_tokens=completion, finish_reason=finish
         )

@@ -39,10 +39,11 @@ from agent.runtimes.base import (
     LoadOptions,
     NllResult,
     Runtime,
+    StopStrings,
     StreamStats,
     nll_result,
+    require_module,
     score_logits,
-    stop_prefix_len,
 )
 
 if TYPE_CHECKING:
@@ -99,19 +100,9 @@ class OpenVINORuntime(Runtime):
             RuntimeUnavailableError: openvino-genai is not installed or does not load, the device
                 name is unknown, or OpenVINO does not see that device here.
         """
-        try:
-            import openvino
-            import openvino_genai  # noqa: F401
-        except ImportError as e:
-            raise RuntimeUnavailableError(
-                f"openvino-genai is not installed ({_INSTALL_HINT})", runtime=cls.name,
-                hint=_INSTALL_HINT,
-            ) from e
-        except (OSError, RuntimeError) as e:
-            # The wheel is there but a shared library does not load (wrong ISA, missing libc).
-            raise RuntimeUnavailableError(
-                f"openvino-genai is installed but cannot load: {e}", runtime=cls.name
-            ) from e
+        require_module(cls.name, "openvino_genai", "openvino-genai", _INSTALL_HINT)
+        import openvino  # openvino_genai imported it: this cannot fail now
+
         ov_device = OV_DEVICES.get(device)
         if ov_device is None:
             raise RuntimeUnavailableError(
@@ -361,14 +352,11 @@ def _streamer_class() -> type:
                      abandoned: threading.Event) -> None:
             super().__init__()
             self._out = out
-            self._stops = stops
-            self._longest = max((len(s) for s in stops), default=0)
+            self._stops = StopStrings(stops)
             self._stop_ids = stop_ids
             self._cancel = cancel
             self._abandoned = abandoned
             self._text = openvino_genai.TextStreamer(tokenizer, self._on_text)
-            self._pending = ""
-            self._cut = False  # a stop string was found: nothing more is emitted
             self._ended = False
             self.tokens = 0
             self.finish = "length"
@@ -381,30 +369,19 @@ def _streamer_class() -> type:
                     return status.STOP
                 self.tokens += 1
                 self._text.write(t)
-                if self._cut:
+                if self._stops.hit:
                     return status.STOP
             if self._cancel.is_set() or self._abandoned.is_set():
                 return status.CANCEL
             return status.RUNNING
 
         def _on_text(self, text: str) -> Any:
-            if self._cut:
+            if self._stops.hit:
                 return status.STOP
-            if not self._stops:
-                self._emit(text)
-                return status.RUNNING
-            pending = self._pending + text
-            cut = min((i for i in (pending.find(s) for s in self._stops) if i >= 0), default=-1)
-            if cut >= 0:
-                self._emit(pending[:cut])
-                self._pending = ""
-                self._cut = True
+            self._emit(self._stops.feed(text))
+            if self._stops.hit:
                 self.finish = "stop"
                 return status.STOP
-            # Hold back a tail that could still become a stop string.
-            hold = stop_prefix_len(pending, self._stops, self._longest)
-            self._emit(pending[: len(pending) - hold])
-            self._pending = pending[len(pending) - hold :]
             return status.RUNNING
 
         def end(self) -> None:
@@ -412,9 +389,7 @@ def _streamer_class() -> type:
                 return
             self._ended = True
             self._text.end()  # flushes what the decoder held back, through _on_text
-            if not self._cut and self._pending:
-                self._emit(self._pending)
-                self._pending = ""
+            self._emit(self._stops.flush())
 
         def _emit(self, text: str) -> None:
             if text:

@@ -35,10 +35,11 @@ from agent.runtimes.base import (
     LoadOptions,
     NllResult,
     Runtime,
+    StopStrings,
     StreamStats,
     nll_result,
+    require_module,
     score_logits,
-    stop_prefix_len,
 )
 
 _INSTALL_HINT = "pip install 'edgepack[ortgenai]'"
@@ -79,18 +80,7 @@ class OrtGenAIRuntime(Runtime):
         Raises:
             RuntimeUnavailableError: It is not installed or its native library fails to load.
         """
-        try:
-            import onnxruntime_genai  # noqa: F401
-        except ImportError as e:
-            raise RuntimeUnavailableError(
-                f"onnxruntime-genai is not installed ({_INSTALL_HINT})",
-                runtime=cls.name,
-                hint=_INSTALL_HINT,
-            ) from e
-        except (OSError, RuntimeError) as e:
-            raise RuntimeUnavailableError(
-                f"onnxruntime-genai is installed but cannot load: {e}", runtime=cls.name
-            ) from e
+        require_module(cls.name, "onnxruntime_genai", "onnxruntime-genai", _INSTALL_HINT)
 
     @classmethod
     def describe(cls) -> dict[str, Any]:
@@ -219,13 +209,11 @@ class OrtGenAIRuntime(Runtime):
         gen_params = og.GeneratorParams(model)
         gen_params.set_search_options(**search)
         generator = og.Generator(model, gen_params)
-        stops = params.stop
-        longest_stop = max((len(s) for s in stops), default=0)
+        stops = StopStrings(params.stop)
         cancel = self._cancel_event
         eos = self._eos
         completion = 0
         finish = "length"
-        pending = ""
         try:
             generator.append_tokens(tokens)
             decoder = tokenizer.create_stream()
@@ -236,25 +224,17 @@ class OrtGenAIRuntime(Runtime):
                     finish = "stop"
                     break
                 completion += 1
-                text = decoder.decode(token)
-                if stops:
-                    pending += text
-                    cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
-                    if cut >= 0:
-                        yield pending[:cut]
-                        pending = ""
-                        finish = "stop"
-                        break
-                    # Hold back a tail that could still become a stop string.
-                    hold = stop_prefix_len(pending, stops, longest_stop)
-                    text, pending = pending[: len(pending) - hold], pending[len(pending) - hold :]
-                yield text
+                yield stops.feed(decoder.decode(token))
+                if stops.hit:
+                    finish = "stop"
+                    break
                 if completion >= max_tokens or cancel.is_set():
                     break
         finally:
             del generator  # frees its KV buffers now, not at the next garbage collection
-        if finish != "stop" and pending:
-            yield pending
+        tail = stops.flush()
+        if tail:
+            yield tail
         return StreamStats(
             prompt_tokens=len(tokens), completion_tokens=completion, finish_reason=finish
         )

@@ -320,3 +320,36 @@ def test_importing_runtimes_does_not_import_llama_cpp() -> None:
     root = Path(__file__).resolve().parents[3]
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr or "llama_cpp was imported"
+
+
+def test_require_module_names_the_package_and_the_fix(tmp_path, monkeypatch) -> None:
+    from agent.runtimes.base import require_module
+
+    with pytest.raises(RuntimeUnavailableError, match=r"no-such-pkg is not installed \(pip x\)") as e:
+        require_module("rt", "edgepack_no_such_module", "no-such-pkg", "pip x")
+    assert e.value.hint == "pip x"
+    # Installed, but its native library does not load (wrong ISA, missing libc).
+    (tmp_path / "edgepack_broken_native.py").write_text("raise OSError('libfoo.so: cannot open')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RuntimeUnavailableError, match="broken-pkg is installed but cannot load: libfoo"):
+        require_module("rt", "edgepack_broken_native", "broken-pkg", "pip y")
+    require_module("rt", "json", "json", "")  # importable: no error
+
+
+def test_stop_strings_cut_across_pieces_and_never_show_the_stop() -> None:
+    from agent.runtimes.base import StopStrings
+
+    s = StopStrings(("\n\n", "END"))
+    shown = [s.feed(p) for p in ("Hello E", "N", "ough\n", "\nmore")]
+    # "E" and "EN" are held back until "ough" rules END out; "\n" until the second "\n" cuts.
+    assert shown == ["Hello ", "", "ENough", ""] and s.hit
+    assert s.feed("ignored") == "" and s.flush() == ""
+
+
+def test_stop_strings_release_a_held_tail_at_the_end() -> None:
+    from agent.runtimes.base import StopStrings
+
+    s = StopStrings(("END",))
+    assert s.feed("the EN") == "the " and not s.hit
+    assert s.flush() == "EN" and s.flush() == ""
+    assert StopStrings(()).feed("anything END") == "anything END"  # no stops: passed through
