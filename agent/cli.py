@@ -15,11 +15,17 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
-from agent.errors import EdgepackError, KeyringError, StoreError
-from agent.gate import GateConfig, parse_slo_overrides
+from agent._cli import dispatch, dump, env, err, setup_logging
+from agent.errors import KeyringError, StoreError
+from agent.protocol import default_device_id
+from agent.sampling import DEFAULTS
+
+if TYPE_CHECKING:
+    from agent.gate import GateConfig
+    from agent.store import Store
 
 log = logging.getLogger("agent")
 
@@ -34,32 +40,6 @@ def default_state_dir() -> Path:
     return Path(xdg) / "edgepack-agent"
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"EDGEPACK_{name}", default)
-
-
-def _err(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def load_keyring(paths: Sequence[Path]):  # -> Keyring (import kept lazy for start-up time)
-    """Merge the keyring files (each is a JSON keyring, e.g. a ``*.pub.json`` from keys generate).
-
-    Raises:
-        KeyringError: a file is missing or malformed.
-    """
-    from agent.bundle import Keyring
-
-    ring = Keyring()
-    for p in paths:
-        try:
-            ring = ring.merged(Keyring.from_bytes(Path(p).read_bytes()))
-        except OSError as e:
-            raise KeyringError(f"cannot read keyring {p}: {e}",
-                               hint="Pass --keyring FILE (or set EDGEPACK_KEYRING).") from e
-    return ring
-
-
 def _keyring_paths(args: argparse.Namespace) -> list[Path]:
     if args.keyring:
         return [Path(p) for p in args.keyring]
@@ -67,7 +47,8 @@ def _keyring_paths(args: argparse.Namespace) -> list[Path]:
     return [default] if default.exists() else []
 
 
-def open_store(args: argparse.Namespace, *, need_keys: bool = False):  # -> Store
+def open_store(args: argparse.Namespace, *, need_keys: bool = False) -> Store:
+    from agent.bundle import load_keyring
     from agent.store import Store
 
     paths = _keyring_paths(args)
@@ -78,7 +59,7 @@ def open_store(args: argparse.Namespace, *, need_keys: bool = False):  # -> Stor
         )
     store = Store(Path(args.state_dir), load_keyring(paths))
     if store.recovered:
-        _err(f"recovered: {store.recovered}")
+        err(f"recovered: {store.recovered}")
     return store
 
 
@@ -95,7 +76,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     facts["profile"] = result.best
     facts["profile_match"] = result.to_dict()
     if args.json:
-        print(json.dumps(facts, indent=2, sort_keys=True))
+        dump(facts)
         return 0
     gib = 2**30
     ram = facts.get("ram_bytes")
@@ -117,58 +98,22 @@ def cmd_probe(args: argparse.Namespace) -> int:
 # --- store ---------------------------------------------------------------------------------------
 
 
-def _runtime_for(bundle, threads: int | None = None):  # -> (Runtime, LoadOptions)
-    from agent.runtimes import LoadOptions, get_runtime
-
-    gen = bundle.manifest.generation
-    rt_cls = get_runtime(bundle.manifest.target.runtime)
-    rt_cls.check()
-    opts = LoadOptions(
-        context=int(gen.get("context", 2048)),
-        threads=int(threads if threads is not None else gen.get("threads", 0)),
-        chat_template=gen.get("chat_template") or None,
-        device=bundle.manifest.target.device,
-    )
-    return rt_cls(), opts
-
-
-def load_check(bundle, gate: GateConfig | None = None) -> dict[str, Any]:
-    """Load the freshly switched bundle and run the benchmark gate on it (agent.gate).
-
-    Args:
-        bundle: the pending :class:`~agent.store.InstalledBundle`.
-        gate: how to benchmark and judge; the defaults (gate on, the manifest's SLO) when None.
-
-    Returns:
-        ``load_ms`` plus the gate's figures (ttft_ms, decode_tok_s, peak_rss_mb, ...).
-
-    Raises:
-        GateFailedError: the model missed an SLO (the store rolls the install back).
-        InferenceError: the model does not load or generates nothing.
-        RuntimeUnavailableError: the bundle's runtime cannot run here.
-    """
-    from agent.gate import run_gate
-
-    rt, opts = _runtime_for(bundle)
-    t0 = time.perf_counter()
-    with rt:
-        rt.load(bundle.entrypoint, opts)
-        load_ms = (time.perf_counter() - t0) * 1000
-        figures = run_gate(rt, bundle.manifest.slo, gate or GateConfig())
-    return {"load_ms": round(load_ms, 1), **figures}
-
-
 def gate_config(args: argparse.Namespace) -> GateConfig:
     """The gate configuration from ``--gate-tokens``, ``--no-gate`` and ``--slo`` flags.
 
     Raises:
         EdgepackError: a malformed ``--slo`` or an out-of-range ``--gate-tokens``.
     """
+    from agent.gate import GateConfig, parse_slo_overrides
+
     return GateConfig(max_tokens=args.gate_tokens, enabled=not args.no_gate,
                       slo_overrides=parse_slo_overrides(args.slo or ()))
 
 
 def cmd_install(args: argparse.Namespace) -> int:
+    from agent.resident import ResidentModel
+    from agent.store import InstalledBundle
+
     gate = gate_config(args)  # before touching the store: a typo in --slo changes nothing
     store = open_store(args, need_keys=True)
     total = 0
@@ -186,10 +131,11 @@ def cmd_install(args: argparse.Namespace) -> int:
         if not args.json:
             if total:
                 print(file=sys.stderr)
-            _err(f"{name}: " + ", ".join(f"{k}={v}" for k, v in data.items() if v is not None))
+            err(f"{name}: " + ", ".join(f"{k}={v}" for k, v in data.items() if v is not None))
 
-    def check(bundle) -> dict[str, Any]:
-        return load_check(bundle, gate)
+    def check(bundle: InstalledBundle) -> dict[str, Any]:
+        with ResidentModel() as model:  # loaded for the gate only; this process then exits
+            return model.load_and_gate(bundle, gate)
 
     res = store.install(Path(args.bundle), load_check=None if args.no_load_check else check,
                         on_event=event, progress=progress)
@@ -197,15 +143,15 @@ def cmd_install(args: argparse.Namespace) -> int:
            "previous": res.previous.summary() if res.previous else None,
            "already_installed": res.already_installed, "check": res.check}
     if args.json:
-        print(json.dumps(out, indent=2, sort_keys=True))
+        dump(out)
     else:
         b = res.bundle.manifest
         note = " (already current)" if res.already_installed else ""
-        _err(f"current: {b.model_name} v{b.version} "
+        err(f"current: {b.model_name} v{b.version} "
              f"{b.target.runtime}/{b.target.quant or b.target.precision} [{res.bundle.slot}]{note}")
         c = res.check or {}
         if "decode_tok_s" in c:
-            _err(f"gate: TTFT {c['ttft_ms']} ms, decode {c['decode_tok_s']} tok/s, "
+            err(f"gate: TTFT {c['ttft_ms']} ms, decode {c['decode_tok_s']} tok/s, "
                  f"peak RSS {c['peak_rss_mb']} MiB (SLO: {c.get('thresholds') or 'none set'})")
     return 0
 
@@ -214,9 +160,9 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     store = open_store(args)
     b = store.rollback()
     if args.json:
-        print(json.dumps(b.summary(), indent=2, sort_keys=True))
+        dump(b.summary())
     else:
-        _err(f"rolled back: current is {b.manifest.model_name} v{b.manifest.version} [{b.slot}]")
+        err(f"rolled back: current is {b.manifest.model_name} v{b.manifest.version} [{b.slot}]")
     return 0
 
 
@@ -224,10 +170,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     store = open_store(args)
     items = [{**b.summary(), "role": role} for b, role in store.list()]
     if args.json:
-        print(json.dumps(items, indent=2, sort_keys=True))
+        dump(items)
         return 0
     if not items:
-        _err("no bundles installed")
+        err("no bundles installed")
     for i in items:
         print(f"{i['role'] or '-':9s} {i['slot']}  {i['model']} v{i['version']}  {i['profile']}  "
               f"{i['runtime']}/{i['quant'] or i['precision']}  {i['size_bytes'] / 2**20:.0f} MiB")
@@ -236,7 +182,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_remove(args: argparse.Namespace) -> int:
     open_store(args).remove(args.slot)
-    _err(f"removed {args.slot}")
+    err(f"removed {args.slot}")
     return 0
 
 
@@ -248,7 +194,7 @@ def cmd_status(args: argparse.Namespace) -> int:
            "trusted_keys": [k.key_id for k in store.keyring.public_keys()],
            "recovered": store.recovered}
     if args.json:
-        print(json.dumps(out, indent=2, sort_keys=True))
+        dump(out)
     else:
         for k in ("current", "previous"):
             b = out[k]
@@ -263,7 +209,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    from agent.runtimes import GenerationParams
+    from agent.runtimes import GenerationParams, runtime_for
 
     store = open_store(args)
     bundle = store.current()
@@ -274,7 +220,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         top_k=args.top_k, repeat_penalty=args.repeat_penalty, stop=tuple(args.stop or ()),
         seed=args.seed,
     )
-    rt, opts = _runtime_for(bundle, args.threads)
+    rt, opts = runtime_for(bundle.manifest, threads=args.threads)
     chat = args.chat
     with rt:
         rt.load(bundle.entrypoint, opts)
@@ -293,7 +239,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     else:
         print()
         if usage:
-            _err(f"[{usage.completion_tokens} tokens, TTFT {usage.ttft_ms:.0f} ms, "
+            err(f"[{usage.completion_tokens} tokens, TTFT {usage.ttft_ms:.0f} ms, "
                  f"{usage.decode_tok_s:.1f} tok/s, {usage.finish_reason}]")
     return 0
 
@@ -320,7 +266,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     agent = Agent(cfg)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.request_stop())
-    _err(f"edgepack-agent {__version__}: device {cfg.device_id} in fleet {cfg.fleet}, "
+    err(f"edgepack-agent {__version__}: device {cfg.device_id} in fleet {cfg.fleet}, "
          f"broker {cfg.broker_url}, state {cfg.state_dir}")
     agent.run()
     return 0
@@ -342,12 +288,12 @@ def cmd_install_service(args: argparse.Namespace) -> int:
             env[k] = v
     unit, env_file = install_service(str(Path(exe).resolve()), env, unit_dir=Path(args.unit_dir),
                                      env_path=Path(args.env_file))
-    _err(f"wrote {unit} and {env_file}")
+    err(f"wrote {unit} and {env_file}")
     if args.enable:
         for cmd in (["systemctl", "daemon-reload"], ["systemctl", "enable", "--now", unit.name]):
             subprocess.run(cmd, check=False)
     else:
-        _err(f"next: systemctl daemon-reload && systemctl enable --now {unit.name}")
+        err(f"next: systemctl daemon-reload && systemctl enable --now {unit.name}")
     return 0
 
 
@@ -358,10 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgepack-agent", description="edgepack device agent")
     p.add_argument("--version", action="version", version=f"edgepack-agent {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
-    p.add_argument("--state-dir", default=_env("STATE_DIR", str(default_state_dir())),
+    p.add_argument("--state-dir", default=env("STATE_DIR", str(default_state_dir())),
                    help="agent state folder [EDGEPACK_STATE_DIR]")
     p.add_argument("--keyring", action="append",
-                   default=[k for k in (_env("KEYRING") or "").split(":") if k] or None,
+                   default=[k for k in (env("KEYRING") or "").split(":") if k] or None,
                    help="trusted keyring file, repeatable [EDGEPACK_KEYRING, ':'-separated; "
                         "default STATE_DIR/keyring.json]")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -398,12 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("infer", help="stream a completion from the installed model")
     s.add_argument("prompt")
     s.add_argument("--chat", action="store_true", help="use the model's chat template")
-    s.add_argument("--max-tokens", type=int, default=128)
-    s.add_argument("--temperature", type=float, default=0.7)
-    s.add_argument("--top-p", type=float, default=0.95)
-    s.add_argument("--top-k", type=int, default=40)
-    s.add_argument("--repeat-penalty", type=float, default=1.15,
-                   help="base models need one to stay coherent (default 1.15)")
+    s.add_argument("--max-tokens", type=int, default=DEFAULTS.max_tokens)
+    s.add_argument("--temperature", type=float, default=DEFAULTS.temperature)
+    s.add_argument("--top-p", type=float, default=DEFAULTS.top_p)
+    s.add_argument("--top-k", type=int, default=DEFAULTS.top_k)
+    s.add_argument("--repeat-penalty", type=float, default=DEFAULTS.repeat_penalty,
+                   help=f"base models need one to stay coherent (default {DEFAULTS.repeat_penalty})")
     s.add_argument("--stop", action="append", help="stop string, repeatable")
     s.add_argument("--seed", type=int)
     s.add_argument("--threads", type=int, help="override the profile's thread count")
@@ -413,11 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="serve: MQTT births, health, commands, streamed inference")
     _add_mqtt_flags(s)
     s.add_argument("--health-interval", type=float,
-                   default=float(_env("HEALTH_INTERVAL") or "10"), help="seconds [EDGEPACK_HEALTH_INTERVAL]")
-    s.add_argument("--queue", type=int, default=int(_env("INFER_QUEUE") or "4"),
+                   default=float(env("HEALTH_INTERVAL") or "10"), help="seconds [EDGEPACK_HEALTH_INTERVAL]")
+    s.add_argument("--queue", type=int, default=int(env("INFER_QUEUE") or "4"),
                    help="waiting inference requests before 'busy' [EDGEPACK_INFER_QUEUE]")
     s.add_argument("--threads", type=int, default=None, help="override the profile's threads")
-    s.add_argument("--chunk-interval", type=float, default=float(_env("CHUNK_INTERVAL") or "0.05"),
+    s.add_argument("--chunk-interval", type=float, default=float(env("CHUNK_INTERVAL") or "0.05"),
                    help="seconds of tokens per streamed chunk after the first; 0 = one per token "
                         "[EDGEPACK_CHUNK_INTERVAL]")
     _add_gate_flags(s)
@@ -436,44 +382,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_gate_flags(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--gate-tokens", type=int, default=int(_env("GATE_TOKENS") or "32"),
+    s.add_argument("--gate-tokens", type=int, default=int(env("GATE_TOKENS") or "32"),
                    help="tokens the post-install benchmark generates [EDGEPACK_GATE_TOKENS]")
     s.add_argument("--no-gate", action="store_true",
                    help="load and smoke-test a new bundle, but do not benchmark it against its SLO")
     # Flags add to the env list, and a later value wins: a flag overrides the env for its key.
     s.add_argument("--slo", action="append", metavar="KEY=VALUE",
-                   default=[i for i in (_env("SLO") or "").split(",") if i.strip()] or None,
+                   default=[i for i in (env("SLO") or "").split(",") if i.strip()] or None,
                    help="replace a manifest SLO threshold, repeatable: min_decode_tok_s, "
                         "max_ttft_ms, max_rss_mb; 0 turns one off [EDGEPACK_SLO, ','-separated]")
 
 
 def _add_mqtt_flags(s: argparse.ArgumentParser) -> None:
-    from agent.daemon import default_device_id
-
-    s.add_argument("--broker", default=_env("BROKER", "mqtt://127.0.0.1:1883"),
+    s.add_argument("--broker", default=env("BROKER", "mqtt://127.0.0.1:1883"),
                    help="mqtt://host:port or mqtts://host:port [EDGEPACK_BROKER]")
-    s.add_argument("--device", default=_env("DEVICE") or default_device_id(),
+    s.add_argument("--device", default=env("DEVICE") or default_device_id(),
                    help="device id [EDGEPACK_DEVICE, default: hostname]")
-    s.add_argument("--fleet", default=_env("FLEET", "default"), help="[EDGEPACK_FLEET]")
-    s.add_argument("--username", default=_env("MQTT_USERNAME"), help="[EDGEPACK_MQTT_USERNAME]")
-    s.add_argument("--password", default=_env("MQTT_PASSWORD"), help="[EDGEPACK_MQTT_PASSWORD]")
-    s.add_argument("--ca-file", default=_env("MQTT_CA"), help="CA for mqtts:// [EDGEPACK_MQTT_CA]")
-    s.add_argument("--cert-file", default=_env("MQTT_CERT"), help="client cert [EDGEPACK_MQTT_CERT]")
-    s.add_argument("--key-file", default=_env("MQTT_KEY"), help="client key [EDGEPACK_MQTT_KEY]")
-
-
-def setup_logging(verbosity: int) -> None:
-    level = logging.WARNING - 10 * min(verbosity, 2)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    for name in ("agent", "packager", "fleet"):
-        lg = logging.getLogger(name)
-        lg.setLevel(level)
-        if not lg.handlers:
-            lg.addHandler(handler)
-    # Connects and disconnects are noise at the default level (they would interleave with
-    # streamed tokens); -vv shows them.
-    logging.getLogger("agent.transport").setLevel(level if verbosity >= 2 else logging.WARNING)
+    s.add_argument("--fleet", default=env("FLEET", "default"), help="[EDGEPACK_FLEET]")
+    s.add_argument("--username", default=env("MQTT_USERNAME"), help="[EDGEPACK_MQTT_USERNAME]")
+    s.add_argument("--password", default=env("MQTT_PASSWORD"), help="[EDGEPACK_MQTT_PASSWORD]")
+    s.add_argument("--ca-file", default=env("MQTT_CA"), help="CA for mqtts:// [EDGEPACK_MQTT_CA]")
+    s.add_argument("--cert-file", default=env("MQTT_CERT"), help="client cert [EDGEPACK_MQTT_CERT]")
+    s.add_argument("--key-file", default=env("MQTT_KEY"), help="client key [EDGEPACK_MQTT_KEY]")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -481,20 +411,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     return dispatch(args)
-
-
-def dispatch(args: argparse.Namespace) -> int:
-    """Run the parsed command; an EdgepackError is printed with its hint and gives exit code 1."""
-    try:
-        return int(args.func(args))
-    except EdgepackError as e:
-        _err(f"error: {e}")
-        if e.diagnostics():
-            _err(f"hint: {e.diagnostics()}")
-        return 1
-    except KeyboardInterrupt:
-        _err("interrupted")
-        return 130
 
 
 if __name__ == "__main__":

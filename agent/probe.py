@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.profiles.schema import ACCELERATORS, normalize_arch
+from agent.runtimes.registry import RUNTIMES
 
 __all__ = ["PROBE_SCHEMA", "probe"]
 
@@ -44,18 +45,9 @@ log = logging.getLogger(__name__)
 PROBE_SCHEMA = 1
 _T = TypeVar("_T")
 
-# Per runtime: the module whose presence means the runtime can run here, and the distributions
-# that may provide it (the first one installed gives the version).
-_RUNTIME_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "llamacpp": ("llama_cpp", ("llama-cpp-python",)),
-    "ortgenai": (
-        "onnxruntime_genai",
-        ("onnxruntime-genai", "onnxruntime-genai-cuda", "onnxruntime-genai-directml"),
-    ),
-    # The runtime is openvino-genai (LLMPipeline); plain openvino alone cannot serve a model.
-    "openvino": ("openvino_genai", ("openvino-genai",)),
-}
-_PCI_VENDORS = {"0x8086": "intel", "0x1002": "amd", "0x10de": "nvidia", "0x17cb": "qualcomm"}
+# PCI vendor id -> (accelerator kind, name) for the devices of each kernel subsystem we read.
+_ACCEL_VENDORS = {"0x8086": ("intel-npu", "Intel NPU"), "0x17cb": ("qualcomm-npu", "Qualcomm NPU")}
+_DRM_VENDORS = {"0x8086": ("intel-gpu", "Intel GPU"), "0x1002": ("amd-gpu", "AMD GPU")}
 _NVIDIA_SMI_TIMEOUT_S = 5.0
 _MAX_SMALL_FILE = 1 << 20  # cap on any /proc or /sys file we read (cpuinfo on 256 cores ~ 300 KB)
 
@@ -243,14 +235,14 @@ def _nvidia_smi() -> list[dict[str, str]]:
     return [_acc("nvidia-gpu", n, "nvidia-smi") for n in names]
 
 
-def _vendor(dev_dir: Path) -> str | None:
-    text = _read(dev_dir / "vendor")
-    return text.strip().lower() if text else None
-
-
-def _pci_device_id(dev_dir: Path) -> str:
-    text = _read(dev_dir / "device")
-    return text.strip().lower() if text else "?"
+def _pci_acc(dev_dir: Path, vendors: dict[str, tuple[str, str]], source: str) -> list[dict[str, str]]:
+    """The accelerator a PCI device folder describes, if its vendor is one we know in ``vendors``."""
+    vendor = (_read(dev_dir / "vendor") or "").strip().lower()
+    if vendor not in vendors:
+        return []
+    kind, name = vendors[vendor]
+    device = (_read(dev_dir / "device") or "").strip().lower() or "?"
+    return [_acc(kind, f"{name} (device {device})", source)]
 
 
 def _accel_nodes(root: Path) -> list[dict[str, str]]:
@@ -261,13 +253,7 @@ def _accel_nodes(root: Path) -> list[dict[str, str]]:
         # Without its /dev node the device is invisible to the runtimes (e.g. in a container).
         if not (root / "dev" / "accel" / node.name).exists():
             continue
-        dev = node / "device"
-        vendor = _vendor(dev)
-        src = f"/sys/class/accel/{node.name}"
-        if vendor == "0x8086":
-            out.append(_acc("intel-npu", f"Intel NPU (device {_pci_device_id(dev)})", src))
-        elif vendor == "0x17cb":
-            out.append(_acc("qualcomm-npu", f"Qualcomm NPU (device {_pci_device_id(dev)})", src))
+        out += _pci_acc(node / "device", _ACCEL_VENDORS, f"/sys/class/accel/{node.name}")
     return out
 
 
@@ -289,13 +275,7 @@ def _drm_gpus(root: Path) -> list[dict[str, str]]:
     # "card0" is a device; "card0-HDMI-A-1" is one of its connectors.
     cards = [c for c in drm.iterdir() if re.fullmatch(r"card\d+", c.name)] if drm.is_dir() else []
     for card in sorted(cards):
-        dev = card / "device"
-        vendor = _vendor(dev)
-        src = f"/sys/class/drm/{card.name}"
-        if vendor == "0x8086":
-            out.append(_acc("intel-gpu", f"Intel GPU (device {_pci_device_id(dev)})", src))
-        elif vendor == "0x1002":
-            out.append(_acc("amd-gpu", f"AMD GPU (device {_pci_device_id(dev)})", src))
+        out += _pci_acc(card / "device", _DRM_VENDORS, f"/sys/class/drm/{card.name}")
     return out
 
 
@@ -358,31 +338,21 @@ def _dist_version(dists: tuple[str, ...], origin: str | None = None) -> str | No
     return None
 
 
-def _runtime_devices(name: str) -> list[str] | None:
-    """Import a runtime and ask it which devices it can use (slow: only with runtimes=True)."""
-    if name == "llamacpp":
-        llama_cpp = importlib.import_module("llama_cpp")
-        return ["cpu", "gpu"] if llama_cpp.llama_supports_gpu_offload() else ["cpu"]
-    if name == "openvino":
-        ov = importlib.import_module("openvino")
-        return [str(d) for d in ov.Core().available_devices]
-    # onnxruntime-genai has no device query short of loading a model: import to prove it loads.
-    importlib.import_module("onnxruntime_genai")
-    return None
-
-
 def _runtime(name: str, deep: bool) -> dict[str, Any]:
-    module, dists = _RUNTIME_MODULES[name]
+    entry = RUNTIMES[name]
     info: dict[str, Any] = {"installed": False, "version": None, "devices": None, "error": None}
     try:
         # find_spec on a top-level name locates the package without importing it.
-        spec = importlib.util.find_spec(module)
+        spec = importlib.util.find_spec(entry.module)
         info["installed"] = spec is not None
         if spec is None:
             return info
-        info["version"] = _dist_version(dists, spec.origin)
+        info["version"] = _dist_version(entry.distributions, spec.origin)
         if deep:
-            info["devices"] = _runtime_devices(name)
+            # Imports the runtime (loads its native libraries): only when asked.
+            from agent.runtimes import get_runtime
+
+            info["devices"] = get_runtime(name).describe()["devices"]
     except Exception as e:  # a broken install (bad wheel, missing .so) is a fact to report
         info["error"] = f"{type(e).__name__}: {e}"
     return info
@@ -427,7 +397,7 @@ def probe(*, runtimes: bool = False, disk_path: Path | None = None, root: Path =
         "accelerators": _safe(
             "accelerators", lambda: _detect_accelerators(root, os_name, arch, cpu_model), _no_accs()
         ),
-        "runtimes": {name: _runtime(name, runtimes) for name in _RUNTIME_MODULES},
+        "runtimes": {name: _runtime(name, runtimes) for name in RUNTIMES},
         "hostname": _safe("hostname", socket.gethostname, ""),
         "python": platform.python_version(),
     }

@@ -33,13 +33,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
+import socket
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, TypeAlias
 from urllib.parse import urlsplit
 
-from agent.errors import UntrustedDataError
+from agent.errors import (
+    BundleFormatError,
+    DigestMismatchError,
+    DowngradeError,
+    GateFailedError,
+    InferenceError,
+    InstallError,
+    InsufficientResourcesError,
+    ManifestError,
+    RuntimeUnavailableError,
+    SignatureError,
+    StoreError,
+    TransportError,
+    UntrustedDataError,
+)
+from agent.sampling import DEFAULTS, LIMITS, MAX_STOP_CHARS, MAX_STOP_STRINGS
 
 PREFIX: Final = "edgepack/v1"
 SCHEMA: Final = 1
@@ -62,7 +77,6 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _MAX_URL_CHARS = 4096
 _MAX_SIZE = 1 << 44  # 16 TiB: far above any bundle, keeps the number a sane integer
-_MAX_SEED = (1 << 32) - 1  # llama.cpp and friends take a uint32 seed
 
 
 class ProtocolError(UntrustedDataError):
@@ -84,6 +98,12 @@ class ProtocolError(UntrustedDataError):
 
 
 # --- ids and topics ------------------------------------------------------------------------------
+
+
+def default_device_id() -> str:
+    """This host's name, reduced to a valid device id (the agent's ``--device`` default)."""
+    name = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())
+    return name.lstrip("_")[:64] or "device"
 
 
 def check_id(value: object, what: str = "id") -> str:
@@ -282,19 +302,20 @@ def _check_int(name: str, v: object, lo: int, hi: int) -> int:
     return v
 
 
-def _check_num(name: str, v: object, lo: float, hi: float, *, lo_open: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise _bad(name, f"must be a number, not {_json_type(v)}")
-    f = float(v)
-    if not math.isfinite(f) or f > hi or f < lo or (lo_open and f == lo):
-        raise _bad(name, f"must be in {'(' if lo_open else '['}{lo}, {hi}]")
-    return f
-
-
 def _check_bool(name: str, v: object) -> bool:
     if not isinstance(v, bool):
         raise _bad(name, f"must be true or false, not {_json_type(v)}")
     return v
+
+
+def _check_limit(name: str, v: object) -> int | float:
+    limit = LIMITS[name]
+    if not limit.admits(v):
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            kind = "an integer" if limit.integer else "a number"
+            raise _bad(name, f"must be {kind}, not {_json_type(v)}")
+        raise _bad(name, f"must be {limit.describe()}")
+    return int(v) if limit.integer else float(v)  # type: ignore[arg-type]
 
 
 def _json_type(v: object) -> str:
@@ -346,7 +367,6 @@ class InstallRequest(_Request):
     url: str
     sha256: str
     size: int
-    force: bool = False
 
     def __post_init__(self) -> None:
         _check_str("url", self.url, 1, _MAX_URL_CHARS)
@@ -368,7 +388,6 @@ class InstallRequest(_Request):
         if not isinstance(self.sha256, str) or not _SHA256.match(self.sha256):
             raise _bad("sha256", "must be 64 lowercase hex digits")
         _check_int("size", self.size, 1, _MAX_SIZE)
-        _check_bool("force", self.force)
 
 
 @dataclass(frozen=True)
@@ -406,11 +425,11 @@ class InferRequest(_Request):
 
     NAME: ClassVar[str] = "infer"
     prompt: str
-    max_tokens: int = 128
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 40
-    repeat_penalty: float = 1.15
+    max_tokens: int = DEFAULTS.max_tokens
+    temperature: float = DEFAULTS.temperature
+    top_p: float = DEFAULTS.top_p
+    top_k: int = DEFAULTS.top_k
+    repeat_penalty: float = DEFAULTS.repeat_penalty
     stop: tuple[str, ...] = ()
     chat: bool = False
     seed: int | None = None
@@ -418,23 +437,20 @@ class InferRequest(_Request):
 
     def __post_init__(self) -> None:
         _check_str("prompt", self.prompt, 1, MAX_PROMPT_CHARS)
-        _check_int("max_tokens", self.max_tokens, 1, 4096)
-        # Normalize numbers to float so InferRequest(temperature=1) == one parsed from "1.0".
-        object.__setattr__(self, "temperature", _check_num("temperature", self.temperature, 0.0, 2.0))
-        object.__setattr__(self, "top_p", _check_num("top_p", self.top_p, 0.0, 1.0, lo_open=True))
-        _check_int("top_k", self.top_k, 0, 1000)
-        object.__setattr__(self, "repeat_penalty",
-                           _check_num("repeat_penalty", self.repeat_penalty, 0.5, 2.0))
+        for name in ("max_tokens", "temperature", "top_p", "top_k", "repeat_penalty"):
+            value = _check_limit(name, getattr(self, name))
+            # Normalize numbers to float so InferRequest(temperature=1) == one parsed from "1.0".
+            object.__setattr__(self, name, value)
         if not isinstance(self.stop, list | tuple):
             raise _bad("stop", f"must be an array of strings, not {_json_type(self.stop)}")
-        if len(self.stop) > 8:
-            raise _bad("stop", "must have at most 8 items")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise _bad("stop", f"must have at most {MAX_STOP_STRINGS} items")
         for i, s in enumerate(self.stop):
-            _check_str(f"stop[{i}]", s, 1, 64)
+            _check_str(f"stop[{i}]", s, 1, MAX_STOP_CHARS)
         object.__setattr__(self, "stop", tuple(self.stop))
         _check_bool("chat", self.chat)
         if self.seed is not None:
-            _check_int("seed", self.seed, 0, _MAX_SEED)
+            _check_limit("seed", self.seed)
         if self.request_id is not None:
             _check_request_id(self.request_id)
 
@@ -552,6 +568,39 @@ def _opt_dict(v: object, name: str) -> dict[str, Any] | None:
     if v is not None and not isinstance(v, dict):
         raise _bad(name, f"must be an object or null, not {_json_type(v)}")
     return v
+
+
+# --- error codes ---------------------------------------------------------------------------------
+
+
+def error_code(e: BaseException) -> str:
+    """A stable machine code for an error, for replies and events.
+
+    ``slo_failed``: the new model loaded but missed its SLO in the post-install gate and was
+    rolled back (``install_failed`` is any other failed load check).
+    """
+    # The store wraps whatever the load check raised in InstallError(rolled_back=True); the
+    # cause says whether it was the gate, which a rollout reacts to differently (the build is
+    # too slow for the profile, not broken).
+    if isinstance(e, GateFailedError) or (
+            isinstance(e, InstallError) and isinstance(e.__cause__, GateFailedError)):
+        return "slo_failed"
+    if isinstance(e, ProtocolError):
+        return e.code
+    for cls, code in _ERROR_CODES:
+        if isinstance(e, cls):
+            return code
+    return "internal"
+
+
+_ERROR_CODES: Final[tuple[tuple[type[BaseException], str], ...]] = (
+    (DowngradeError, "downgrade"), (SignatureError, "signature"),
+    (DigestMismatchError, "digest_mismatch"), (BundleFormatError, "bad_bundle"),
+    (ManifestError, "bad_manifest"), (InsufficientResourcesError, "insufficient_resources"),
+    (InstallError, "install_failed"), (TransportError, "download_failed"),
+    (StoreError, "store"), (RuntimeUnavailableError, "runtime_unavailable"),
+    (InferenceError, "inference_failed"),
+)
 
 
 # --- replies -------------------------------------------------------------------------------------
@@ -730,6 +779,7 @@ __all__ = [
     "COMMANDS", "EVENT_STAGES", "MAX_PAYLOAD_BYTES", "PREFIX", "SCHEMA", "STATES", "CancelRequest",
     "Command", "DeviceId", "InferChunk", "InferRequest", "InstallRequest", "ProbeRequest",
     "ProtocolError", "Reply", "RollbackRequest", "StatusRequest", "TopicInfo", "Topics",
-    "birth_payload", "check_id", "decode_object", "event_payload", "fleet_filter", "health_payload",
+    "birth_payload", "check_id", "decode_object", "default_device_id", "error_code", "event_payload",
+    "fleet_filter", "health_payload",
     "parse_command", "parse_state", "parse_status", "parse_topic", "reply_topic", "state_payload",
 ]

@@ -1,6 +1,6 @@
 """``edgepack fleet ...`` and ``edgepack serve``: the host CLI's fleet commands.
 
-:func:`add_commands` adds them to the host parser (``packager.cli``); each handler is
+:func:`add_commands` adds them to the host parser (:mod:`edgepack.cli`); each handler is
 ``func(args) -> int`` and raises :class:`~agent.errors.EdgepackError` subclasses, which the host's
 ``main`` prints with their hint (exit 1). Results go to stdout (``--json``: one JSON document);
 progress, events and usage go to stderr, so ``--json`` output can be piped.
@@ -26,6 +26,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from agent._cli import dump, err
 from agent.errors import EdgepackError, TransportError
 from agent.protocol import InferRequest
 from fleet.client import (
@@ -46,12 +47,7 @@ _SAMPLING: dict[str, type] = {"max_tokens": int, "temperature": float, "top_p": 
 DEFAULT_FLEET = "default"
 
 
-def _err(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _dump(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True, default=str), flush=True)
+_err, _dump = err, dump
 
 
 def _client(args: argparse.Namespace) -> FleetClient:
@@ -106,7 +102,8 @@ def format_table(records: list[DeviceRecord]) -> str:
                      for row in rows)
 
 
-def _event_line(ev: dict[str, Any]) -> str:
+def event_line(ev: dict[str, Any]) -> str:
+    """One human line for an install event (``downloading``, ``verified``, ``failed``, ...)."""
     stage = str(ev.get("stage", "?"))
     if stage == "downloading" and isinstance(ev.get("bytes"), int):
         total = ev.get("total") if isinstance(ev.get("total"), int) else None
@@ -202,10 +199,10 @@ def cmd_install(args: argparse.Namespace) -> int:
     _err(f"installing {url} ({_bytes(size)}, sha256 {sha[:16]}...) on {args.device}")
 
     def on_event(ev: dict[str, Any]) -> None:
-        _err(_event_line(ev))
+        _err(event_line(ev))
 
     with _client(args) as c:
-        res = c.install(args.device, url, sha, size, force=args.force, on_event=on_event,
+        res = c.install(args.device, url, sha, size, on_event=on_event,
                         timeout=_timeout(args, INSTALL_TIMEOUT))
     if args.json:
         _dump(res)
@@ -379,7 +376,6 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     s.add_argument("bundle", help="URL from 'edgepack serve', or a path the device can read")
     s.add_argument("--sha256", help="bundle sha256 (default: from index.json, or hashed)")
     s.add_argument("--size", type=int, help="bundle size in bytes (default: as --sha256)")
-    s.add_argument("--force", action="store_true", help="reinstall even if already installed")
 
     s = command("infer", "generate on a device; tokens stream to stdout", cmd_infer)
     s.add_argument("device")

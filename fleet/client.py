@@ -12,7 +12,6 @@ Install: (1) subscribe to the device's ``events`` so no progress is missed, (2) 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import queue
@@ -26,6 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from agent._fs import file_digest
 from agent.errors import EdgepackError, InferenceError, InstallError, TransportError, UntrustedDataError
 from agent.protocol import (
     CancelRequest,
@@ -199,16 +199,10 @@ def _lookup_index(url: str, timeout: float) -> tuple[str, int]:
 
 
 def _hash_local(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-                size += len(chunk)
+        return file_digest(path)
     except OSError as e:
         raise EdgepackError(f"cannot read bundle {path}: {e}") from e
-    return h.hexdigest(), size
 
 
 # --- the client ----------------------------------------------------------------------------------
@@ -339,7 +333,7 @@ class FleetClient:
         """
         return self._call(device, CancelRequest(request_id), timeout)
 
-    def install(self, device: str, url: str, sha256: str, size: int, *, force: bool = False,
+    def install(self, device: str, url: str, sha256: str, size: int, *,
                 on_event: Callable[[dict[str, Any]], None] | None = None,
                 timeout: float = INSTALL_TIMEOUT) -> dict[str, Any]:
         """Install a bundle on a device and wait for the outcome.
@@ -348,7 +342,6 @@ class FleetClient:
             device: the device id.
             url: where the device downloads it (http, https, or file:// on the device itself).
             sha256, size: of the bundle file (see :func:`bundle_info`).
-            force: reinstall even if that digest is installed.
             on_event: called (on this thread) with each ``events`` payload of this install:
                 ``{"job", "stage", "ts", ...}``, stage ``downloading`` ... ``committed`` /
                 ``rolled_back`` / ``failed``.
@@ -363,7 +356,7 @@ class FleetClient:
             TransportError: no reply within ``timeout``.
             ProtocolError: a malformed request field or reply.
         """
-        req = InstallRequest(url, sha256, size, force)
+        req = InstallRequest(url, sha256, size)
         events: queue.SimpleQueue[Message] = queue.SimpleQueue()
         topic = Topics(self.fleet, device).events
         # (1) Subscribe before sending: the broker handles our SUBSCRIBE before our PUBLISH.

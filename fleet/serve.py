@@ -19,7 +19,6 @@ bodies without a length (closing the connection to end them).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import http.server
 import json
 import logging
@@ -33,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
+
+from agent._fs import file_digest
 
 log = logging.getLogger("fleet.serve")
 
@@ -196,7 +197,7 @@ class BundleServer:
             seen: set[str] = set()
             for name in self.bundle_names():
                 try:
-                    size, digest = self._hash_cached(self.directory / name)
+                    digest, size = self._hash_cached(self.directory / name)
                 except OSError:  # tolerated: removed or replaced while listing; the next GET sees it
                     continue
                 seen.add(name)
@@ -205,23 +206,19 @@ class BundleServer:
                 del self._hashes[gone]
         return {"bundles": out}
 
-    def _hash_cached(self, path: Path) -> tuple[int, str]:
-        """(size, sha256) of ``path``, hashed again only when its mtime or size changed."""
+    def _hash_cached(self, path: Path) -> tuple[str, int]:
+        """(sha256, size) of ``path``, hashed again only when its mtime or size changed."""
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
             hit = self._hashes.get(path.name)
             if hit is not None and hit[:2] == (st.st_mtime_ns, st.st_size):
-                return st.st_size, hit[2]
-            h = hashlib.sha256()
-            size = 0
-            while chunk := f.read(CHUNK_BYTES):
-                h.update(chunk)
-                size += len(chunk)
+                return hit[2], st.st_size
+            digest, size = file_digest(f)
             after = os.fstat(f.fileno())
         # A file still being written must not be cached under a hash of half of it.
         if (after.st_mtime_ns, after.st_size) == (st.st_mtime_ns, size):
-            self._hashes[path.name] = (st.st_mtime_ns, size, h.hexdigest())
-        return size, h.hexdigest()
+            self._hashes[path.name] = (st.st_mtime_ns, size, digest)
+        return digest, size
 
 
 class _Server(http.server.ThreadingHTTPServer):

@@ -20,10 +20,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agent.bundle import FileEntry, Manifest, Requirements, SigningKey, Target
+from agent.bundle import Manifest, Requirements, SigningKey, Target
 from agent.errors import PackagingError, QualityBudgetError
 from agent.profiles import DeviceProfile
-from packager.bundler import hash_file, write_bundle
+from packager.bundler import file_entries, write_bundle
 from packager.model import READY_FORMATS, ModelInfo, chat_template_in
 from packager.plan import BuildPlan, ProfilePlan, Variant, plan
 from packager.quality import QualityReport, check_budget
@@ -229,7 +229,7 @@ def _manifest(model: ModelInfo, pp: ProfilePlan, payload: dict[str, Path], entry
               quality: dict[str, Any], key: SigningKey, version: int, now: datetime,
               chat_template: str | None) -> Manifest:
     prof = pp.profile
-    entries = [FileEntry(rel, *hash_file(path)) for rel, path in payload.items()]
+    entries = file_entries(payload)
     size = sum(e.size for e in entries)
     return Manifest(
         model_name=model_slug(model.name),

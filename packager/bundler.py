@@ -8,7 +8,6 @@ same bytes. The file is written to a temporary name and renamed, so a failed bui
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 import tarfile
@@ -16,38 +15,31 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from agent._fs import file_digest
 from agent.bundle import (
     MANIFEST_NAME,
     SIGNATURE_NAME,
     FileEntry,
+    Keyring,
     Manifest,
     SigningKey,
     check_member_path,
     sign_manifest,
+    verify_manifest,
 )
+from agent.errors import EdgepackError
 
-CHUNK = 1 << 20
 
-
-def hash_file(path: Path) -> tuple[int, str]:
-    """Size and sha256 hex of a file, in one streaming pass."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return size, h.hexdigest()
+def file_entry(rel: str, src: Path) -> FileEntry:
+    """The manifest entry of one payload file: its path in the bundle, size and sha256."""
+    check_member_path(rel)
+    d = file_digest(src)
+    return FileEntry(rel, d.size, d.sha256)
 
 
 def file_entries(files: Mapping[str, Path]) -> list[FileEntry]:
     """Manifest entries for payload files given as {path in bundle: file on disk}."""
-    out = []
-    for rel, src in files.items():
-        check_member_path(rel)
-        size, digest = hash_file(src)
-        out.append(FileEntry(rel, size, digest))
-    return out
+    return [file_entry(rel, src) for rel, src in files.items()]
 
 
 def _info(name: str, size: int) -> tarfile.TarInfo:
@@ -97,3 +89,40 @@ def write_bundle(out: Path, manifest: Manifest, key: SigningKey, files: Mapping[
             os.unlink(tmp)
         raise
     return manifest_bytes
+
+
+def read_manifest(path: Path) -> Manifest:
+    """The manifest of a bundle file, parsed but NOT verified (for ``bundle inspect``).
+
+    Raises:
+        EdgepackError: the file cannot be read; UntrustedDataError: not a bundle.
+    """
+    from agent.bundle import BundleReader
+
+    try:
+        with open(path, "rb") as stream:
+            mb, _sig = BundleReader(stream).read_header()
+    except OSError as e:
+        raise EdgepackError(f"cannot read {path}: {e}") from e
+    return Manifest.from_bytes(mb)
+
+
+def verify_bundle(path: Path, keyring: Keyring) -> Manifest:
+    """Verify a bundle file as a device would: signature, manifest, then every payload's hash.
+
+    Nothing is written. Returns the verified manifest.
+
+    Raises:
+        EdgepackError: the file cannot be read; UntrustedDataError: any check fails.
+    """
+    from agent.bundle import BundleReader
+
+    try:
+        with open(path, "rb") as stream:
+            reader = BundleReader(stream)
+            mb, sb = reader.read_header()
+            m = verify_manifest(mb, sb, keyring)
+            reader.extract_payload(m, None)  # hash every payload file, write nothing
+    except OSError as e:
+        raise EdgepackError(f"cannot read {path}: {e}") from e
+    return m

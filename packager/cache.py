@@ -15,6 +15,10 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from agent._fs import atomic_file, file_digest
+
+__all__ = ["atomic_dir", "atomic_file", "copy_atomic", "default_cache_dir", "sha256_file", "sha256_files"]
+
 _CHUNK = 4 * 1024 * 1024  # bytes per read while hashing: large reads keep hashlib at disk speed
 
 
@@ -30,11 +34,7 @@ def default_cache_dir() -> Path:
 
 def sha256_file(path: Path) -> str:
     """The hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(_CHUNK):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path).sha256
 
 
 def sha256_files(paths: Iterable[Path], *, root: Path) -> str:
@@ -50,28 +50,6 @@ def sha256_files(paths: Iterable[Path], *, root: Path) -> str:
             while block := f.read(_CHUNK):
                 h.update(block)
     return h.hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_file(dst: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``dst``; on success fsync it and rename it onto ``dst``.
-
-    On any exception (KeyboardInterrupt included) the temporary file is removed and ``dst`` is
-    left as it was.
-    """
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    tmp = Path(name)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; artifacts are ordinary readable files
-    try:
-        yield tmp
-        with tmp.open("rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @contextlib.contextmanager

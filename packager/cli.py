@@ -1,7 +1,8 @@
-"""``edgepack``: the host CLI (profiles, model, plan, keys, build, bundle, demo).
+"""The packaging commands of ``edgepack``: profiles, model, plan, keys, build, bundle.
 
-Human status goes to stderr, machine output (``--json``) to stdout. Only
-:class:`~agent.errors.EdgepackError` is caught: printed with its hint, exit code 1.
+:func:`add_commands` adds them to the host parser (:mod:`edgepack.cli`, which composes them with
+the fleet's). Handlers only parse and call the packager's domain modules; human status goes to
+stderr, machine output (``--json``) to stdout.
 """
 
 from __future__ import annotations
@@ -9,25 +10,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import sys
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from agent import __version__
-from agent.cli import dispatch, setup_logging
-from agent.errors import EdgepackError, KeyringError, ProfileError
+from agent._cli import dump, err
+from agent.errors import ProfileError
+
+if TYPE_CHECKING:
+    from agent.profiles import DeviceProfile
+    from packager.model import ModelInfo
 
 log = logging.getLogger("packager")
 
-
-def _err(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _dump(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+_err, _dump = err, dump
 
 
 def _cache(args: argparse.Namespace) -> Path:
@@ -36,13 +31,13 @@ def _cache(args: argparse.Namespace) -> Path:
     return Path(args.cache_dir) if args.cache_dir else default_cache_dir()
 
 
-def _profiles(args: argparse.Namespace):  # -> dict[str, DeviceProfile]
+def _profiles(args: argparse.Namespace) -> dict[str, DeviceProfile]:
     from agent.profiles import load_profiles
 
     return load_profiles(Path(args.profiles_dir) if args.profiles_dir else None)
 
 
-def _selected_profiles(args: argparse.Namespace) -> list:
+def _selected_profiles(args: argparse.Namespace) -> list[DeviceProfile]:
     allp = _profiles(args)
     if args.all_profiles:
         return list(allp.values())
@@ -56,16 +51,10 @@ def _selected_profiles(args: argparse.Namespace) -> list:
     return [allp[p] for p in args.profile]
 
 
-def resolve_model(spec: str, cache_dir: Path):  # -> ModelInfo
-    """``sample`` is the bundled Gemma 3 270M HF checkpoint; anything else goes to resolve_source."""
-    from packager.model import resolve_source
+def _model(args: argparse.Namespace) -> ModelInfo:
+    from packager.model import resolve_model
 
-    if spec in ("sample", "sample-gguf"):
-        from packager.sample import ensure_sample
-
-        s = ensure_sample(cache_dir)
-        return resolve_source(str(s.hf_dir if spec == "sample" else s.gguf), cache_dir=cache_dir)
-    return resolve_source(spec, cache_dir=cache_dir)
+    return resolve_model(args.model, cache_dir=_cache(args))
 
 
 # --- profiles ------------------------------------------------------------------------------------
@@ -126,7 +115,7 @@ def cmd_model_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_model_info(args: argparse.Namespace) -> int:
-    info = resolve_model(args.model, _cache(args))
+    info = _model(args)
     _dump(info.to_dict())
     return 0
 
@@ -134,7 +123,7 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from packager.plan import plan
 
-    bp = plan(_selected_profiles(args), resolve_model(args.model, _cache(args)))
+    bp = plan(_selected_profiles(args), _model(args))
     if args.json:
         _dump({"profiles": {n: {"variant": p.variant.key, "estimate_bytes": p.estimate.total_bytes,
                                 "context": p.context, "reasons": list(p.reasons)}
@@ -155,43 +144,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
-    from agent.bundle import Keyring, SigningKey
+    from packager.keys import generate_key_files
 
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    priv, pub = out / f"{args.name}.key", out / f"{args.name}.pub.json"
-    if priv.exists() and not args.force:
-        raise KeyringError(f"{priv} exists", hint="Use --force to replace it (old bundles stay "
-                                                  "verifiable only with the old public key).")
-    key = SigningKey.generate(args.name)
-    fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # private: owner only
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.to_pem())
-    pub.write_bytes(Keyring([key.public]).to_bytes())
+    kf = generate_key_files(args.name, Path(args.output), force=args.force)
     if args.json:
-        _dump({"key_id": key.key_id, "private": str(priv), "keyring": str(pub)})
+        _dump({"key_id": kf.key.key_id, "private": str(kf.private), "keyring": str(kf.keyring)})
     else:
-        print(f"key id:   {key.key_id}\nprivate:  {priv} (keep on the build host)\n"
-              f"keyring:  {pub} (copy to devices: edgepack-agent --keyring {pub.name})")
+        print(f"key id:   {kf.key.key_id}\nprivate:  {kf.private} (keep on the build host)\n"
+              f"keyring:  {kf.keyring} (copy to devices: edgepack-agent --keyring {kf.keyring.name})")
     return 0
-
-
-def load_signing_key(path: str):  # -> SigningKey
-    from agent.bundle import SigningKey
-
-    try:
-        return SigningKey.from_pem(Path(path).read_bytes(), Path(path).stem)
-    except OSError as e:
-        raise KeyringError(f"cannot read key {path}: {e}",
-                           hint="Create one with: edgepack keys generate --name release -o keys/") from e
 
 
 def cmd_build(args: argparse.Namespace) -> int:
     from packager.build import build
+    from packager.keys import load_signing_key
 
     key = load_signing_key(args.key)
     cache = _cache(args)
-    report = build(resolve_model(args.model, cache), _selected_profiles(args), key, Path(args.output),
+    report = build(_model(args), _selected_profiles(args), key, Path(args.output),
                    cache_dir=cache, bundle_version=args.bundle_version, threads=args.threads)
     if args.json:
         _dump(report.to_dict())
@@ -208,24 +178,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 1 if report.over_budget or explicitly_refused or not report.bundles else 0
 
 
-def _read_bundle_header(path: str):  # -> (reader, manifest_bytes, sig_bytes, stream)
-    from agent.bundle import BundleReader
-
-    stream = open(path, "rb")
-    reader = BundleReader(stream)
-    mb, sb = reader.read_header()
-    return reader, mb, sb, stream
-
-
 def cmd_bundle_inspect(args: argparse.Namespace) -> int:
-    from agent.bundle import Manifest
+    from packager.bundler import read_manifest
 
-    try:
-        _reader, mb, _sb, stream = _read_bundle_header(args.bundle)
-    except OSError as e:
-        raise EdgepackError(f"cannot read {args.bundle}: {e}") from e
-    stream.close()
-    m = Manifest.from_bytes(mb)
+    m = read_manifest(Path(args.bundle))
     if args.json:
         _dump({"verified": False, "manifest": m.to_dict()})
         return 0
@@ -247,25 +203,15 @@ def cmd_bundle_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_bundle_verify(args: argparse.Namespace) -> int:
-    from agent.bundle import verify_manifest
-    from agent.cli import load_keyring
+    from agent.bundle import load_keyring
+    from packager.bundler import verify_bundle
 
-    keyring = load_keyring([Path(k) for k in args.keyring])
-    reader, mb, sb, stream = _read_bundle_header(args.bundle)
-    with stream:
-        m = verify_manifest(mb, sb, keyring)
-        reader.extract_payload(m, None)  # hash every payload file, write nothing
+    m = verify_bundle(Path(args.bundle), load_keyring([Path(k) for k in args.keyring]))
     out = {"verified": True, "model": m.model_name, "version": m.version, "profile": m.profile,
            "signer": m.signer_key_id, "files": len(m.files)}
     _dump(out) if args.json else print(f"OK: {m.model_name} v{m.version} for {m.profile}, signed by "
                                        f"{m.signer_key_id[:16]}, {len(m.files)} file(s) match")
     return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from packager.demo import run_demo
-
-    return run_demo(cache_dir=_cache(args), prompt=args.prompt, state_dir=args.state_dir)
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -277,16 +223,12 @@ def _add_profile_selection(s: argparse.ArgumentParser) -> None:
     g.add_argument("--all-profiles", action="store_true")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgepack", description="package models per device profile")
-    p.add_argument("--version", action="version", version=f"edgepack {__version__}")
-    p.add_argument("-v", "--verbose", action="count", default=1, help="more logging")
-    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    p.add_argument("--profiles-dir", default=os.environ.get("EDGEPACK_PROFILES_DIR"),
-                   help="folder of profile TOML files [EDGEPACK_PROFILES_DIR]")
-    p.add_argument("--cache-dir", default=os.environ.get("EDGEPACK_CACHE"),
-                   help="model and build cache [EDGEPACK_CACHE, default ~/.cache/edgepack]")
-    sub = p.add_subparsers(dest="cmd", required=True)
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``profiles``, ``model``, ``plan``, ``keys``, ``build`` and ``bundle`` to the host CLI.
+
+    The handlers read ``args.profiles_dir`` and ``args.cache_dir`` (global options of the host
+    parser).
+    """
 
     prof = sub.add_parser("profiles", help="device profiles").add_subparsers(dest="sub", required=True)
     s = prof.add_parser("list")
@@ -345,23 +287,5 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_bundle_verify)
 
-    from fleet.cli import add_commands as add_fleet_commands
 
-    add_fleet_commands(sub)  # fleet devices|status|probe|install|infer|rollback|cancel, serve
-
-    s = sub.add_parser("demo", help="sample -> bundle -> broker + agent -> install and infer over MQTT")
-    s.add_argument("--prompt", default="The three things every hiker should carry are")
-    s.add_argument("--state-dir", help="agent state folder (default: CACHE/demo/state)")
-    s.set_defaults(func=cmd_demo)
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the host CLI; returns the exit code (0 ok, 1 edgepack error, 2 usage)."""
-    args = build_parser().parse_args(argv)
-    setup_logging(0 if args.quiet else args.verbose)
-    return dispatch(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["add_commands"]

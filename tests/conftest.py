@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from bundlekit import make_manifest
 
-from agent.bundle import FileEntry, Keyring, SigningKey
-from packager.bundler import hash_file, write_bundle
+from agent.bundle import Keyring, SigningKey
+from packager.bundler import file_entries, file_entry, write_bundle
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +45,7 @@ def make_bundle(tmp_path: Path, signing_key: SigningKey) -> BundleFactory:
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(data)
             files[name] = p
-        entries = [FileEntry(n, *hash_file(p)) for n, p in files.items()]
+        entries = file_entries(files)
         m = make_manifest(entries, k, version=version, model=model, **kw)  # type: ignore[arg-type]
         out = tmp_path / f"{model}-v{version}-{next(counter)}.bundle"
         write_bundle(out, m, k, files)
@@ -98,7 +98,7 @@ def agent_bundles(tmp_path_factory, sample_model) -> dict[str, Path]:
         out[f"v{v}"] = report.bundles[0].path
     garbage = d / "garbage.gguf"
     garbage.write_bytes(b"GGUF" + b"\0" * 4096)
-    entries = [FileEntry("model.gguf", *hash_file(garbage))]
+    entries = [file_entry("model.gguf", garbage)]
     m = make_manifest(entries, key, version=3, model=report.bundles[0].manifest.model_name)
     out["broken_v3"] = d / "broken-v3.bundle"
     write_bundle(out["broken_v3"], m, key, {"model.gguf": garbage})

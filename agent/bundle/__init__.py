@@ -6,7 +6,7 @@ bundle through :class:`BundleReader`, verifying with :func:`verify_manifest` bef
 
 from typing import TYPE_CHECKING
 
-from agent.bundle.keys import Keyring, PublicKey, SigningKey, key_id_of
+from agent.bundle.keys import Keyring, PublicKey, SigningKey, key_id_of, load_keyring
 from agent.bundle.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -54,6 +54,7 @@ __all__ = [
     "check_member_path",
     "check_version",
     "key_id_of",
+    "load_keyring",
     "parse_signatures",
     "sign_manifest",
     "verify_manifest",

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -161,3 +163,26 @@ class Keyring:
                 raise KeyringError(f"keyring entry {item.get('key_id')!r} does not match its key")
             keys.append(k)
         return cls(keys)
+
+
+def load_keyring(paths: Iterable[Path]) -> Keyring:
+    """Merge keyring files (each a JSON keyring, e.g. a ``*.pub.json`` from ``keys generate``).
+
+    Args:
+        paths: the files, in any order (a key in two files is trusted once).
+
+    Returns:
+        The merged keyring (empty when ``paths`` is).
+
+    Raises:
+        KeyringError: a file is missing, unreadable or malformed.
+    """
+    ring = Keyring()
+    for p in paths:
+        try:
+            data = Path(p).read_bytes()
+        except OSError as e:
+            raise KeyringError(f"cannot read keyring {p}: {e}",
+                               hint="Pass --keyring FILE (or set EDGEPACK_KEYRING).") from e
+        ring = ring.merged(Keyring.from_bytes(data))
+    return ring

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ProfileError
+from agent.runtimes.registry import RUNTIMES
 
-RUNTIMES = ("llamacpp", "ortgenai", "openvino")
-FORMATS = {"llamacpp": "gguf", "ortgenai": "onnx", "openvino": "openvino-ir"}
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
 # llama.cpp quant types we build, and the precision class each belongs to.
 GGUF_QUANTS = {"Q4_0": "int4", "Q4_K_M": "int4", "Q5_K_M": "int4", "Q8_0": "int8", "F16": "fp16",
@@ -95,11 +94,12 @@ class BuildTarget:
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
-            raise ProfileError(f"target.runtime {self.runtime!r} is not one of {RUNTIMES}")
-        if self.format != FORMATS[self.runtime]:
+            raise ProfileError(f"target.runtime {self.runtime!r} is not one of {tuple(RUNTIMES)}")
+        expected = RUNTIMES[self.runtime].format
+        if self.format != expected:
             raise ProfileError(
                 f"target.format {self.format!r} does not fit runtime {self.runtime!r} "
-                f"(expected {FORMATS[self.runtime]!r})"
+                f"(expected {expected!r})"
             )
         if self.precision not in PRECISIONS:
             raise ProfileError(f"target.precision {self.precision!r} is not one of {PRECISIONS}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import importlib.util
 import math
 import threading
 import time
@@ -31,6 +32,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from agent.errors import EdgepackError, InferenceError, RuntimeUnavailableError
+from agent.runtimes.registry import runtime_info
+from agent.sampling import DEFAULTS, LIMITS
 
 if TYPE_CHECKING:
     import numpy as np
@@ -47,20 +50,16 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: object) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)  # type: ignore[arg-type]
-
-
 @dataclass(frozen=True)
 class GenerationParams:
-    """How to sample one generation. Validated on construction.
+    """How to sample one generation. Validated on construction against :data:`agent.sampling.LIMITS`.
 
     Attributes:
-        max_tokens: Most tokens to generate (>= 1).
-        temperature: 0 means greedy; otherwise >= 0.
+        max_tokens: Most tokens to generate.
+        temperature: 0 means greedy.
         top_p: Nucleus mass in (0, 1].
         top_k: Keep the k most likely tokens; 0 disables the filter.
-        repeat_penalty: > 0; 1.0 disables it. Base models need ~1.1-1.3 for coherent text.
+        repeat_penalty: 1.0 disables it. Base models need ~1.1-1.3 for coherent text.
         stop: Strings that end the generation; they are not part of the output.
         seed: Sampling seed in [0, 2**32), or None for the runtime's default.
 
@@ -68,33 +67,27 @@ class GenerationParams:
         InferenceError: A value is out of range or of the wrong type.
     """
 
-    max_tokens: int = 128
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 40
-    repeat_penalty: float = 1.1
+    max_tokens: int = DEFAULTS.max_tokens
+    temperature: float = DEFAULTS.temperature
+    top_p: float = DEFAULTS.top_p
+    top_k: int = DEFAULTS.top_k
+    repeat_penalty: float = DEFAULTS.repeat_penalty
     stop: tuple[str, ...] = ()
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise InferenceError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not _is_number(self.temperature) or self.temperature < 0:
-            raise InferenceError(f"temperature must be a number >= 0, got {self.temperature!r}")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise InferenceError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise InferenceError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if not _is_number(self.repeat_penalty) or self.repeat_penalty <= 0:
-            raise InferenceError(f"repeat_penalty must be > 0, got {self.repeat_penalty!r}")
+        for name in ("max_tokens", "temperature", "top_p", "top_k", "repeat_penalty"):
+            value = getattr(self, name)
+            if not LIMITS[name].admits(value):
+                raise InferenceError(f"{name} must be {LIMITS[name].describe()}, got {value!r}")
         if isinstance(self.stop, str) or not isinstance(self.stop, Sequence):
             raise InferenceError(f"stop must be a sequence of strings, got {self.stop!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise InferenceError(f"stop strings must be non-empty strings, got {self.stop!r}")
         # Accept a list from JSON but store a tuple so the value stays hashable and frozen.
         object.__setattr__(self, "stop", tuple(self.stop))
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**32):
-            raise InferenceError(f"seed must be None or an integer in [0, 2**32), got {self.seed!r}")
+        if self.seed is not None and not LIMITS["seed"].admits(self.seed):
+            raise InferenceError(f"seed must be None or {LIMITS['seed'].describe()}, got {self.seed!r}")
 
 
 @dataclass(frozen=True)
@@ -242,8 +235,9 @@ def score_logits(
 class Runtime(abc.ABC):
     """Base of every inference runtime plugin.
 
-    Subclasses set ``name`` and implement :meth:`check`, :meth:`describe` and the private hooks
-    ``_load``, ``_stream``, ``_evaluate_nll``, ``_close``; a subclass ``__init__`` must call
+    Subclasses set ``name`` (their registry key) and implement the private hooks ``_describe``,
+    ``_load``, ``_stream``, ``_evaluate_nll``, ``_close`` (and ``_check_device`` when a device
+    can be missing); a subclass ``__init__`` must call
     ``super().__init__()``. A ``_stream`` hook must look at :attr:`_cancel_event` between tokens
     and end soon after it is set; ``_evaluate_nll`` can score with :func:`score_logits` and build
     its result with :func:`nll_result` so every runtime scores alike.
@@ -260,18 +254,23 @@ class Runtime(abc.ABC):
     # --- viability ---------------------------------------------------------------------------
 
     @classmethod
-    @abc.abstractmethod
-    def check(cls) -> None:
-        """Say whether this runtime can run here.
+    def check(cls, device: str = "cpu") -> None:
+        """Say whether this runtime can run here, on ``device``.
+
+        Imports the runtime's library (from the registry entry), then asks the plugin's
+        :meth:`_check_device` hook about the device.
 
         Raises:
-            RuntimeUnavailableError: With the reason (library missing, device missing).
+            RuntimeUnavailableError: With the reason (library missing or broken, device missing)
+                and the package to install.
         """
+        info = runtime_info(cls.name)
+        require_module(cls.name, info.module, info.package, info.install_hint)
+        cls._check_device(device)
 
     @classmethod
-    @abc.abstractmethod
     def describe(cls) -> dict[str, Any]:
-        """Facts for the probe: at least ``version`` and ``devices``.
+        """Facts for the probe: ``runtime``, ``version``, ``devices`` and the plugin's own.
 
         Returns:
             A JSON-serializable dict.
@@ -279,6 +278,18 @@ class Runtime(abc.ABC):
         Raises:
             RuntimeUnavailableError: The runtime cannot run here.
         """
+        cls.check()
+        return {"runtime": cls.name, **cls._describe()}
+
+    @classmethod  # noqa: B027 (optional hook)
+    def _check_device(cls, device: str) -> None:
+        """Raise RuntimeUnavailableError if ``device`` cannot be used (default: any is accepted;
+        loading a model on a device the runtime lacks then fails with the reason)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def _describe(cls) -> dict[str, Any]:
+        """``version`` and ``devices`` (our names) at least; the library is importable."""
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -570,6 +581,11 @@ def require_module(runtime: str, module: str, package: str, hint: str) -> None:
     try:
         importlib.import_module(module)
     except ImportError as e:
+        # The package is there but its import fails (a missing shared library, a wrong ISA):
+        # "not installed" would send the user to pip for nothing.
+        if e.name != module and importlib.util.find_spec(module.partition(".")[0]) is not None:
+            raise RuntimeUnavailableError(f"{package} is installed but cannot load: {e}",
+                                          runtime=runtime) from e
         raise RuntimeUnavailableError(f"{package} is not installed ({hint})", runtime=runtime,
                                       hint=hint) from e
     except (OSError, RuntimeError) as e:

@@ -36,7 +36,6 @@ from agent.runtimes.base import (
     StopStrings,
     StreamStats,
     nll_result,
-    require_module,
     score_logits,
 )
 
@@ -47,7 +46,6 @@ if TYPE_CHECKING:
 # 64 x vocab x 4 bytes (64 MiB for Gemma's 262,144) while keeping batched matmuls efficient.
 _NLL_BATCH = 64
 _GPU_DEVICES = ("gpu", "cuda", "metal", "vulkan")
-_INSTALL_HINT = "pip install 'edgepack[llamacpp]'"
 
 
 class LlamaCppRuntime(Runtime):
@@ -66,30 +64,11 @@ class LlamaCppRuntime(Runtime):
         self._pieces: dict[int, tuple[bytes, bool]] = {}
 
     @classmethod
-    def check(cls) -> None:
-        """Say whether llama-cpp-python can be imported here.
-
-        Raises:
-            RuntimeUnavailableError: It is not installed or its native library fails to load.
-        """
-        require_module(cls.name, "llama_cpp", "llama-cpp-python", _INSTALL_HINT)
-
-    @classmethod
-    def describe(cls) -> dict[str, Any]:
-        """Version and devices of llama-cpp-python, for the probe.
-
-        Returns:
-            ``{"runtime", "version", "devices", "gpu_offload", "system_info"}``.
-
-        Raises:
-            RuntimeUnavailableError: llama-cpp-python cannot be used here.
-        """
-        cls.check()
+    def _describe(cls) -> dict[str, Any]:
         import llama_cpp
 
         gpu = bool(llama_cpp.llama_supports_gpu_offload())
         return {
-            "runtime": cls.name,
             "version": llama_cpp.__version__,
             "devices": ["cpu", "gpu"] if gpu else ["cpu"],
             "gpu_offload": gpu,

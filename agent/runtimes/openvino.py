@@ -42,7 +42,6 @@ from agent.runtimes.base import (
     StopStrings,
     StreamStats,
     nll_result,
-    require_module,
     score_logits,
 )
 
@@ -56,7 +55,6 @@ REQUIRED_FILES = (MODEL_XML, "openvino_tokenizer.xml", "openvino_detokenizer.xml
 # Positions per infer call when scoring: bounds the logits to 64 x vocab x 4 bytes (64 MiB for
 # Gemma's 262,144) while keeping the matmuls batched.
 _NLL_BATCH = 64
-_INSTALL_HINT = "pip install 'edgepack[openvino]' (openvino-genai)"
 _DEVICE_HINTS = {
     "GPU": "Intel GPUs need the compute runtime (intel-opencl-icd / Level Zero) and access to "
            "/dev/dri/renderD*.",
@@ -90,18 +88,8 @@ class OpenVINORuntime(Runtime):
     # --- viability ---------------------------------------------------------------------------------
 
     @classmethod
-    def check(cls, device: str = "cpu") -> None:
-        """Say whether openvino-genai can run here, on ``device``.
-
-        Args:
-            device: ``cpu``, ``gpu`` or ``npu`` (a bundle's target device).
-
-        Raises:
-            RuntimeUnavailableError: openvino-genai is not installed or does not load, the device
-                name is unknown, or OpenVINO does not see that device here.
-        """
-        require_module(cls.name, "openvino_genai", "openvino-genai", _INSTALL_HINT)
-        import openvino  # openvino_genai imported it: this cannot fail now
+    def _check_device(cls, device: str) -> None:
+        import openvino  # check() imported openvino_genai, which imported it: this cannot fail now
 
         ov_device = OV_DEVICES.get(device)
         if ov_device is None:
@@ -120,17 +108,7 @@ class OpenVINORuntime(Runtime):
             )
 
     @classmethod
-    def describe(cls) -> dict[str, Any]:
-        """Version and devices of OpenVINO, for the probe.
-
-        Returns:
-            ``{"runtime", "version", "openvino", "devices", "device_names", "capabilities"}``;
-            ``devices`` in our names (cpu, gpu, npu), the others keyed by OpenVINO's names.
-
-        Raises:
-            RuntimeUnavailableError: openvino-genai cannot be used here.
-        """
-        cls.check()
+    def _describe(cls) -> dict[str, Any]:
         import openvino
         import openvino_genai
 
@@ -146,7 +124,6 @@ class OpenVINORuntime(Runtime):
                 caps[d] = [str(c) for c in core.get_property(d, "OPTIMIZATION_CAPABILITIES")]
         ours = [name for name, ov in OV_DEVICES.items() if _has_device(available, ov)]
         return {
-            "runtime": cls.name,
             "version": openvino_genai.__version__,
             "openvino": openvino.get_version(),
             "devices": ours or ["cpu"],

@@ -38,11 +38,9 @@ from agent.runtimes.base import (
     StopStrings,
     StreamStats,
     nll_result,
-    require_module,
     score_logits,
 )
 
-_INSTALL_HINT = "pip install 'edgepack[ortgenai]'"
 # Execution providers by their genai_config.json name -> (our device name, pip package with it).
 _PROVIDERS = {
     "cuda": ("cuda", "onnxruntime-genai-cuda"),
@@ -74,26 +72,7 @@ class OrtGenAIRuntime(Runtime):
         self._template: str | None = None
 
     @classmethod
-    def check(cls) -> None:
-        """Say whether onnxruntime-genai can be imported here.
-
-        Raises:
-            RuntimeUnavailableError: It is not installed or its native library fails to load.
-        """
-        require_module(cls.name, "onnxruntime_genai", "onnxruntime-genai", _INSTALL_HINT)
-
-    @classmethod
-    def describe(cls) -> dict[str, Any]:
-        """Version and execution providers of onnxruntime-genai, for the probe.
-
-        Returns:
-            ``{"runtime", "version", "devices", "onnxruntime"}`` (devices: ``cpu`` and each of
-            ``cuda``, ``dml``, ``qnn``, ``webgpu`` this build can use).
-
-        Raises:
-            RuntimeUnavailableError: onnxruntime-genai cannot be used here.
-        """
-        cls.check()
+    def _describe(cls) -> dict[str, Any]:
         import onnxruntime_genai as og
 
         devices = ["cpu", *(d for d in ("cuda", "dml", "qnn", "webgpu") if _ep_available(og, d))]
@@ -103,8 +82,7 @@ class OrtGenAIRuntime(Runtime):
             ort_version = onnxruntime.__version__
         except ImportError:  # genai depends on it; a broken install still gets described
             ort_version = ""
-        return {"runtime": cls.name, "version": og.__version__, "devices": devices,
-                "onnxruntime": ort_version}
+        return {"version": og.__version__, "devices": devices, "onnxruntime": ort_version}
 
     # --- hooks -----------------------------------------------------------------------------------
 

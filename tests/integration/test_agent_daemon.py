@@ -21,6 +21,7 @@ from agentkit import AgentProcess, Host, topics
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent._fs import file_digest
 from agent.protocol import (
     COMMANDS,
     CancelRequest,
@@ -32,7 +33,6 @@ from agent.protocol import (
     StatusRequest,
 )
 from fleet.serve import BundleServer
-from packager.bundler import hash_file
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -55,7 +55,7 @@ def server(served):
 
 
 def install_req(server: BundleServer, bundle: Path) -> InstallRequest:
-    size, digest = hash_file(bundle)
+    digest, size = file_digest(bundle)
     return InstallRequest(url=server.url_for(bundle.name), sha256=digest, size=size)
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from agentkit import AgentProcess, Host
 
+from agent._fs import file_digest
 from agent.cli import main as agent_cli
 from agent.protocol import InferChunk, InferRequest, InstallRequest, Reply, StatusRequest
 from fleet.serve import BundleServer
-from packager.bundler import hash_file
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -95,7 +95,7 @@ def start_agent(tmp_path: Path, agent_bundles, broker, host: Host, **env: str) -
 
 
 def install(host: Host, served: Path, bundle: Path) -> Reply:
-    size, digest = hash_file(bundle)
+    digest, size = file_digest(bundle)
     with BundleServer(served) as server:
         req = InstallRequest(url=server.url_for(bundle.name), sha256=digest, size=size)
         return host.requests.call(DEV, "install", req, timeout=120)

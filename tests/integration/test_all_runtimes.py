@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from agentkit import AgentProcess, Host
 
+from agent._fs import file_digest
 from agent.bundle import Manifest
 from agent.cli import main as agent
 from agent.protocol import InferRequest, InstallRequest
+from edgepack.cli import main as edgepack
 from fleet.serve import BundleServer
-from packager.bundler import hash_file
-from packager.cli import main as edgepack
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -158,7 +158,7 @@ def test_each_runtime_installs_and_streams_over_mqtt(matrix, runtime, tmp_path, 
     try:
         host.wait_for(dev, "state", lambda m: m["state"] == "online", timeout=30)
         with BundleServer(bundle.parent) as server:
-            size, digest = hash_file(bundle)
+            digest, size = file_digest(bundle)
             r = host.requests.call(dev, "install", InstallRequest(
                 url=server.url_for(bundle.name), sha256=digest, size=size), timeout=300)
         assert r.ok, (r.error, a.tail())

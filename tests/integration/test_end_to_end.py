@@ -17,7 +17,7 @@ import pytest
 from agentkit import AGENT
 
 from agent.cli import main as agent
-from packager.cli import main as edgepack
+from edgepack.cli import main as edgepack
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

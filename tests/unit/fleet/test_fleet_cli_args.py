@@ -80,10 +80,9 @@ def test_infer_options() -> None:
 
 
 def test_install_probe_rollback_cancel_and_serve() -> None:
-    a = parse("fleet", "install", "pi-01", "http://h:8080/x.bundle", "--sha256", "ab" * 32, "--size", "12",
-              "--force")
-    assert (a.device, a.bundle, a.sha256, a.size, a.force, a.func) == (
-        "pi-01", "http://h:8080/x.bundle", "ab" * 32, 12, True, cli.cmd_install)
+    a = parse("fleet", "install", "pi-01", "http://h:8080/x.bundle", "--sha256", "ab" * 32, "--size", "12")
+    assert (a.device, a.bundle, a.sha256, a.size, a.func) == (
+        "pi-01", "http://h:8080/x.bundle", "ab" * 32, 12, cli.cmd_install)
     assert parse("fleet", "probe", "pi-01", "--runtimes").runtimes is True
     assert parse("fleet", "rollback", "pi-01").func is cli.cmd_rollback
     c = parse("fleet", "cancel", "pi-01", "cli-123")

@@ -35,6 +35,7 @@ from agent.protocol import (
     reply_topic,
     state_payload,
 )
+from agent.sampling import DEFAULTS
 
 SHA = "ab" * 32
 
@@ -118,16 +119,17 @@ def test_minimal_commands() -> None:
 
 def test_install_request() -> None:
     r = parse_command("install", j({"url": "https://h.example/b.bundle", "sha256": SHA, "size": 10}))
-    assert r == InstallRequest("https://h.example/b.bundle", SHA, 10, False)
-    assert parse_command("install", j({"url": "file:///srv/b.bundle", "sha256": SHA, "size": 1,
-                                       "force": True})).force is True  # type: ignore[union-attr]
+    assert r == InstallRequest("https://h.example/b.bundle", SHA, 10)
+    assert parse_command("install", j({"url": "file:///srv/b.bundle", "sha256": SHA, "size": 1})) \
+        == InstallRequest("file:///srv/b.bundle", SHA, 1)
 
 
 def test_infer_defaults_and_round_trip() -> None:
     r = parse_command("infer", b'{"prompt": "hi"}')
     assert r == InferRequest("hi")
     assert isinstance(r, InferRequest)
-    assert (r.max_tokens, r.temperature, r.top_p, r.top_k, r.repeat_penalty) == (128, 0.7, 0.95, 40, 1.15)
+    assert (r.max_tokens, r.temperature, r.top_p, r.top_k, r.repeat_penalty) == (
+        DEFAULTS.max_tokens, DEFAULTS.temperature, DEFAULTS.top_p, DEFAULTS.top_k, DEFAULTS.repeat_penalty)
     full = InferRequest("hé", max_tokens=4096, temperature=0, top_p=1, top_k=0, repeat_penalty=2,
                         stop=("\n", "END"), chat=True, seed=7, request_id="job:1")
     assert parse_command("infer", full.to_bytes()) == full
@@ -186,7 +188,7 @@ def test_infer_defaults_and_round_trip() -> None:
     ("install", j({"url": "https://h/b", "sha256": SHA[:-1], "size": 1}), "bad_field"),
     ("install", j({"url": "https://h/b", "sha256": SHA, "size": 0}), "bad_field"),
     ("install", j({"url": "https://h/b", "sha256": SHA, "size": True}), "bad_field"),
-    ("install", j({"url": "https://h/b", "sha256": SHA, "size": 1, "force": "yes"}), "bad_field"),
+    ("install", j({"url": "https://h/b", "sha256": SHA, "size": 1, "force": "yes"}), "unknown_field"),
     ("probe", b'{"runtimes":null}', "bad_field"),
     ("cancel", b'{"request_id":""}', "bad_field"),
 ])
@@ -221,7 +223,7 @@ json_values = st.recursive(
     max_leaves=20,
 )
 field_names = st.sampled_from([
-    "url", "sha256", "size", "force", "runtimes", "prompt", "max_tokens", "temperature", "top_p",
+    "url", "sha256", "size", "runtimes", "prompt", "max_tokens", "temperature", "top_p",
     "top_k", "repeat_penalty", "stop", "chat", "seed", "request_id", "x",
 ])
 near_valid = st.dictionaries(field_names, json_values | st.just(SHA) | st.just("https://h/b"), max_size=8)

@@ -3,14 +3,14 @@ configuration and override parsing, and measure/run_gate on an in-process fake r
 
 from __future__ import annotations
 
-import time
 from collections.abc import Generator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
+from fakeruntime import FakeRuntime as PacedRuntime
+from fakeruntime import reset
 
-from agent.daemon import error_code
 from agent.errors import EdgepackError, GateFailedError, InferenceError, InstallError, ManifestError
 from agent.gate import (
     DEFAULT_PROMPT,
@@ -21,8 +21,7 @@ from agent.gate import (
     parse_slo_overrides,
     run_gate,
 )
-from agent.runtimes import GenerationParams, LoadOptions, Runtime
-from agent.runtimes.base import NllResult, StreamStats
+from agent.protocol import error_code
 
 FIG = Figures(ttft_ms=120.0, decode_tok_s=41.2, peak_rss_mb=700.0, tokens=32)
 
@@ -140,48 +139,16 @@ def test_parse_overrides_refuses_malformed_items(item: str):
 # --- measure / run_gate on a fake runtime --------------------------------------------------------
 
 
-class PacedRuntime(Runtime):
-    """One token per word of the prompt, ``delay`` seconds each; ``words=0`` generates nothing."""
-
-    name: ClassVar[str] = "paced"
-    delay: ClassVar[float] = 0.002
-    words: ClassVar[int | None] = None
-
-    @classmethod
-    def check(cls) -> None:
-        return None
-
-    @classmethod
-    def describe(cls) -> dict[str, Any]:
-        return {"version": "0", "devices": ["cpu"]}
-
-    def _load(self, model_path: Path, options: LoadOptions) -> None:
-        return None
-
-    def _stream(self, prompt: str, params: GenerationParams, *,
-                chat: bool) -> Generator[str, None, StreamStats]:
-        words = prompt.split()[: self.words] if self.words is not None else prompt.split()
-        n = 0
-        for word in words[: params.max_tokens]:
-            time.sleep(self.delay)
-            n += 1
-            yield word + " "
-        return StreamStats(prompt_tokens=len(words), completion_tokens=n, finish_reason="length")
-
-    def _evaluate_nll(self, text: str, window: int) -> NllResult:
-        raise NotImplementedError
-
-    def _close(self) -> None:
-        return None
-
-
 @pytest.fixture
 def runtime(tmp_path: Path) -> Generator[PacedRuntime, None, None]:
+    reset()
+    PacedRuntime.delay = 0.002
     (tmp_path / "m.bin").write_bytes(b"x")
     rt = PacedRuntime()
     rt.load(tmp_path / "m.bin")
     yield rt
     rt.close()
+    reset()
 
 
 def test_measure_reports_rates_memory_and_tokens(runtime: PacedRuntime):

@@ -13,7 +13,7 @@ from agent.errors import ProfileError
 from agent.profiles import DeviceProfile, load_profile, load_profiles
 from agent.profiles.schema import ACCELERATORS
 
-PROFILES_DIR = Path(__file__).resolve().parents[3] / "profiles"
+PROFILES_DIR = Path(__file__).resolve().parents[4] / "profiles"
 REQUIRED = {
     "raspberry-pi-5",
     "android-arm64",

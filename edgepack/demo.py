@@ -18,8 +18,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from agent.errors import ProfileError, TransportError
+from agent.protocol import InferRequest
+from fleet.cli import event_line, format_table
+from fleet.client import FleetClient, bundle_info
 
 DEVICE = "demo-device"
 FLEET = "demo"
@@ -37,8 +41,6 @@ def _note(text: str) -> None:
 
 
 def _wait_online(broker_url: str, agent: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
-    from fleet.client import FleetClient
-
     deadline = time.monotonic() + timeout
     with FleetClient(broker_url, FLEET) as fc:
         while time.monotonic() < deadline:
@@ -56,8 +58,7 @@ def run_demo(*, cache_dir: Path, prompt: str, state_dir: str | None = None) -> i
     from fleet.broker import Broker
     from fleet.serve import BundleServer
     from packager.build import build
-    from packager.cli import load_signing_key
-    from packager.cli import main as edgepack
+    from packager.keys import generate_key_files, load_signing_key
     from packager.model import resolve_source
     from packager.sample import ensure_sample
 
@@ -81,9 +82,8 @@ def run_demo(*, cache_dir: Path, prompt: str, state_dir: str | None = None) -> i
     _step(3, "signing key (private on the host, keyring for the device)",
           f"edgepack keys generate --name demo -o {demo / 'keys'}")
     keyfile, keyring = demo / "keys" / "demo.key", demo / "keys" / "demo.pub.json"
-    if not keyfile.exists():
-        edgepack(["-q", "keys", "generate", "--name", "demo", "-o", str(demo / "keys")])
-    key = load_signing_key(str(keyfile))
+    key = generate_key_files("demo", demo / "keys").key if not keyfile.exists() \
+        else load_signing_key(keyfile)
     _note(f"key id {key.key_id[:16]}…")
 
     out = demo / "bundles"
@@ -134,23 +134,31 @@ def run_demo(*, cache_dir: Path, prompt: str, state_dir: str | None = None) -> i
         _wait_online(url, agent, log)
         _note(f"online (agent log: {log})")
 
-        fleet = ["fleet", "--broker", url, "--fleet", FLEET]
         _step(7, "serve the bundle over HTTP and install it on the device over MQTT",
               f"edgepack serve {out}  &&  edgepack fleet install {DEVICE} <url>")
         server = stack.enter_context(BundleServer(out))
         bundle_url = server.url_for(bundle.path.name)
         _note(f"serving {bundle_url}")
-        rc = edgepack([*fleet, "install", DEVICE, bundle_url])
-        if rc:
-            return rc
+        fc = stack.enter_context(FleetClient(url, FLEET))
+        digest, size = bundle_info(bundle_url)
+        res = fc.install(DEVICE, bundle_url, digest, size, on_event=lambda ev: _note(event_line(ev)))
+        check = res.get("check") or {}
+        _note(f"installed {bundle.manifest.model_name} v{bundle.manifest.version}: gate TTFT "
+              f"{check.get('ttft_ms', 0):.0f} ms, {check.get('decode_tok_s', 0):.1f} tok/s")
 
         _step(8, "stream an answer over MQTT, then the fleet inventory with health",
               f'edgepack fleet infer {DEVICE} "{prompt}"  &&  edgepack fleet devices')
         print(f"\n{prompt}", end="", flush=True)
-        rc = edgepack([*fleet, "infer", DEVICE, prompt, "--max-tokens", "96", "--temperature", "0.7",
-                       "--seed", "7"])
-        if rc:
-            return rc
+        req = InferRequest(prompt=prompt, max_tokens=96, temperature=0.7, seed=7,
+                           request_id="demo-1")
+        usage: dict[str, Any] | None = None
+        for chunk in fc.infer(DEVICE, req):
+            print(chunk.text, end="", flush=True)
+            usage = chunk.usage if chunk.done else usage
+        print(flush=True)
+        if usage:
+            _note(f"[{usage.get('completion_tokens')} tokens, TTFT {usage.get('ttft_ms', 0):.0f} ms, "
+                  f"{usage.get('decode_tok_s', 0):.1f} tok/s]")
         time.sleep(2.5)  # one more health message carries this inference's tok/s and TTFT
-        print(file=sys.stderr)
-        return edgepack([*fleet, "devices"])
+        print(format_table(fc.devices(wait=1.0)), flush=True)
+        return 0

@@ -6,70 +6,23 @@ import math
 import subprocess
 import sys
 import threading
-from collections.abc import Generator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
+from fakeruntime import FakeRuntime, reset
 
 import agent.runtimes as runtimes
 from agent.errors import InferenceError, RuntimeUnavailableError
 from agent.runtimes import (
     GenerationParams,
     LoadOptions,
-    NllResult,
     Runtime,
-    StreamStats,
+    RuntimeInfo,
     get_runtime,
     viable_runtimes,
 )
 from agent.runtimes.base import nll_result, score_logits
-
-
-class FakeRuntime(Runtime):
-    """Echoes the prompt's words as tokens; can be told to fail in each hook."""
-
-    name: ClassVar[str] = "fake"
-    fail_in: ClassVar[str] = ""
-    loads: ClassVar[list[str]] = []
-    closes: ClassVar[list[str]] = []
-
-    @classmethod
-    def check(cls) -> None:
-        return None
-
-    @classmethod
-    def describe(cls) -> dict[str, Any]:
-        return {"version": "0", "devices": ["cpu"]}
-
-    def _load(self, model_path: Path, options: LoadOptions) -> None:
-        if self.fail_in == "load":
-            raise ValueError("corrupt header")
-        self.loads.append(model_path.name)
-
-    def _stream(
-        self, prompt: str, params: GenerationParams, *, chat: bool
-    ) -> Generator[str, None, StreamStats]:
-        words = prompt.split()
-        n = 0
-        for word in words[: params.max_tokens]:
-            if self.fail_in == "stream":
-                raise RuntimeError("decode failed")
-            n += 1
-            yield word + " "
-            if self._cancel_event.is_set():
-                break
-        return StreamStats(prompt_tokens=len(words), completion_tokens=n, finish_reason="length")
-
-    def _evaluate_nll(self, text: str, window: int) -> NllResult:
-        if self.fail_in == "nll":
-            raise MemoryError("out of memory")
-        return nll_result(2.0 * len(text.split()), len(text.split()), None)
-
-    def _close(self) -> None:
-        if self.fail_in == "close":
-            raise OSError("munmap failed")
-        self.closes.append("x")
 
 
 @pytest.fixture
@@ -81,9 +34,7 @@ def model(tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def _reset_fake() -> None:
-    FakeRuntime.fail_in = ""
-    FakeRuntime.loads = []
-    FakeRuntime.closes = []
+    reset()
 
 
 # --- params -----------------------------------------------------------------------------------
@@ -257,7 +208,7 @@ def test_evaluate_nll_validates_window(model: Path) -> None:
 def test_load_on_unavailable_runtime_raises_runtime_unavailable(model: Path) -> None:
     class Missing(FakeRuntime):
         @classmethod
-        def check(cls) -> None:
+        def check(cls, device: str = "cpu") -> None:
             raise RuntimeUnavailableError("libfoo is not installed", runtime="missing")
 
     with pytest.raises(RuntimeUnavailableError, match="libfoo"):
@@ -299,7 +250,8 @@ def test_unknown_runtime_lists_the_known_ones() -> None:
 
 
 def test_viable_runtimes_maps_every_name_to_none_or_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(runtimes.RUNTIMES, "fake", f"{__name__}:FakeRuntime")
+    monkeypatch.setitem(runtimes.RUNTIMES, "fake", RuntimeInfo(
+        "fake", "fake", "json", ("fake",), "fake", "fakeruntime:FakeRuntime"))
     result = viable_runtimes()
     assert set(result) == set(runtimes.RUNTIMES)
     assert result["fake"] is None
@@ -317,7 +269,7 @@ def test_importing_runtimes_does_not_import_llama_cpp() -> None:
         "import sys, agent.runtimes as r; r.get_runtime('llamacpp'); "
         "sys.exit(1 if 'llama_cpp' in sys.modules else 0)"
     )
-    root = Path(__file__).resolve().parents[3]
+    root = Path(__file__).resolve().parents[4]
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr or "llama_cpp was imported"
 

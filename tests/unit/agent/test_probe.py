@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.machinery
+import dataclasses
 import json
 import os
 import platform
@@ -18,8 +18,9 @@ import agent.probe as probe_mod
 from agent.probe import probe
 from agent.profiles import load_profiles, match_profile
 from agent.profiles.schema import ACCELERATORS
+from agent.runtimes import registry
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 RUNTIME_MODULES = ("llama_cpp", "onnxruntime_genai", "openvino", "openvino_genai")
 
 
@@ -219,16 +220,19 @@ def test_runtimes_true_reports_devices() -> None:
     assert llama["devices"] and llama["devices"][0] == "cpu"
 
 
-def test_a_broken_runtime_is_an_error_not_an_exception(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(name: str) -> list[str]:
-        raise ImportError(f"lib{name}.so: cannot open shared object file")
-
-    monkeypatch.setattr(probe_mod, "_runtime_devices", broken)
-    # A located package whose import fails (a missing shared library, say): find_spec succeeds.
-    monkeypatch.setattr(
-        probe_mod.importlib.util, "find_spec", lambda name: importlib.machinery.ModuleSpec(name, None)
-    )
+def test_a_broken_runtime_is_an_error_not_an_exception(monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path) -> None:
+    # A located package whose import fails (a missing shared library, say): real modules on
+    # sys.path that raise ImportError on import, put in the registry in place of the runtimes'.
+    for name in list(registry.RUNTIMES):
+        mod = f"edgepack_broken_{name}"
+        (tmp_path / f"{mod}.py").write_text(
+            f"raise ImportError('lib{name}.so: cannot open shared object file')\n")
+        monkeypatch.setitem(registry.RUNTIMES, name, dataclasses.replace(
+            registry.RUNTIMES[name], module=mod, distributions=(mod,)))
+    monkeypatch.syspath_prepend(str(tmp_path))
     rts = probe(runtimes=True)["runtimes"]
     for name, info in rts.items():
         assert info["installed"] is True
-        assert info["error"] == f"ImportError: lib{name}.so: cannot open shared object file"
+        assert info["error"].startswith("RuntimeUnavailableError: ")
+        assert f"cannot load: lib{name}.so: cannot open shared object file" in info["error"]

@@ -12,7 +12,7 @@ import pytest
 
 from agent.profiles import Candidate, DeviceProfile, MatchResult, load_profiles, match_profile
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[4]
 FACTS_DIR = ROOT / "tests" / "data" / "facts"
 FACT_FILES = sorted(FACTS_DIR.glob("*.json"))
 PROBE_KEYS = {

@@ -1,0 +1,180 @@
+"""Commands from MQTT: validate, drop duplicates, route, and answer every one of them.
+
+Runs on paho's network thread and never blocks it: (1) a duplicate delivery (same correlation data,
+e.g. a QoS 1 resend around a broker restart) is dropped, (2) the payload is parsed strictly
+(:func:`agent.protocol.parse_command`); a malformed one is answered with its error code at once,
+(3) ``infer`` goes to the :class:`~agent.serving.InferenceServer` (a full queue answers ``busy``),
+``cancel`` is answered at once, (4) everything else (install, rollback, status, probe) goes to the
+control worker, one at a time, and gets exactly one :class:`~agent.protocol.Reply`.
+
+Nothing raised while handling or answering a command reaches paho or stops the control worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from agent._counters import Counters
+from agent.errors import EdgepackError
+from agent.protocol import (
+    COMMANDS,
+    CancelRequest,
+    Command,
+    InferChunk,
+    InferRequest,
+    ProtocolError,
+    Reply,
+    error_code,
+    parse_command,
+)
+from agent.serving import InferenceServer, InferJob
+from agent.transport.mqtt import Message
+
+log = logging.getLogger("agent.dispatch")
+
+CONTROL_QUEUE = 8  # install/rollback/status/probe waiting behind the running one
+SEEN_CORRELATIONS = 4096  # duplicate suppression memory
+
+Publish = Callable[..., None]  # MqttTransport.publish
+ControlHandler = Callable[[Command, Message], dict[str, Any]]
+
+
+class _Seen:
+    """A bounded memory of correlation ids: the oldest is forgotten first."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._ids: OrderedDict[bytes, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def first_time(self, key: bytes) -> bool:
+        with self._lock:
+            if key in self._ids:
+                return False
+            self._ids[key] = None
+            while len(self._ids) > self._size:
+                self._ids.popitem(last=False)
+            return True
+
+
+class CommandDispatcher:
+    """Routes command messages to the inference server and the control worker.
+
+    Args:
+        publish: sends a message (``MqttTransport.publish``); may raise TransportError.
+        serving: the inference server shared by every door.
+        control: runs one control command and returns its result (raises EdgepackError to fail).
+        counters: ``commands``, ``rejected``, ``busy`` and ``duplicates`` are counted here.
+    """
+
+    def __init__(self, publish: Publish, serving: InferenceServer, control: ControlHandler, *,
+                 counters: Counters | None = None, control_queue: int = CONTROL_QUEUE) -> None:
+        self._publish = publish
+        self.serving = serving
+        self._control = control
+        self.counters = counters or Counters()
+        self._queue: queue.Queue[tuple[Command, Message] | None] = queue.Queue(control_queue)
+        self._seen = _Seen(SEEN_CORRELATIONS)
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._control_worker, name="edgepack-control",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # --- network thread ----------------------------------------------------------------------------
+
+    def on_command(self, msg: Message) -> None:
+        """Validate and route one command. Never raises: every failure becomes a reply."""
+        name = msg.topic.rsplit("/", 1)[-1]
+        try:
+            self.counters.incr("commands")
+            if msg.correlation_data and not self._seen.first_time(msg.correlation_data):
+                self.counters.incr("duplicates")
+                log.info("dropped a duplicate %s command", name)
+                return
+            try:
+                if name not in COMMANDS:
+                    raise ProtocolError(f"unknown command {name!r} (known: {', '.join(COMMANDS)})",
+                                        code="unknown_command")
+                req = parse_command(name, msg.payload)
+            except ProtocolError as e:
+                self.counters.incr("rejected")
+                self._answer_error(msg, name, e.code, str(e))
+                return
+            if isinstance(req, CancelRequest):
+                if self.serving.cancel(req.request_id):
+                    self.reply(msg, Reply.success({"cancelled": req.request_id}))
+                else:
+                    self.reply(msg, Reply.failure("not_found",
+                                                  f"no running or queued request {req.request_id!r}"))
+            elif isinstance(req, InferRequest):
+                if not self.serving.submit(InferJob(req, lambda c, m=msg: self.chunk(m, c))):
+                    self.chunk(msg, InferChunk.failure(
+                        0, "busy", f"{self.serving.queue_size} requests are already waiting; retry later"))
+            else:
+                try:
+                    self._queue.put_nowait((req, msg))
+                except queue.Full:
+                    self.counters.incr("busy")
+                    self.reply(msg, Reply.failure("busy", "the agent is busy with other commands"))
+        except Exception as e:  # the network thread must survive anything; log it loudly
+            log.exception("command handling failed")
+            self.counters.incr("rejected")
+            with contextlib.suppress(Exception):
+                self.reply(msg, Reply.failure("internal", f"internal error: {e}"))
+
+    def _answer_error(self, msg: Message, name: str, code: str, text: str) -> None:
+        if name == "infer":
+            self.chunk(msg, InferChunk.failure(0, code, text))
+        else:
+            self.reply(msg, Reply.failure(code, text))
+
+    # --- answers -----------------------------------------------------------------------------------
+
+    def reply(self, msg: Message, reply: Reply) -> None:
+        """Answer a command on its Response Topic; a failure to send is logged, not raised."""
+        if not msg.response_topic:
+            return  # fire-and-forget command: nobody to answer
+        try:
+            self._publish(msg.response_topic, reply.to_bytes(), qos=1,
+                          correlation_data=msg.correlation_data)
+        except EdgepackError as e:
+            log.warning("reply to %s not sent: %s", msg.response_topic, e)
+
+    def chunk(self, msg: Message, chunk: InferChunk) -> None:
+        """Send one inference chunk; raises TransportError so the server can stop generating."""
+        if msg.response_topic:
+            self._publish(msg.response_topic, chunk.to_bytes(), qos=1,
+                          correlation_data=msg.correlation_data)
+
+    # --- control worker ----------------------------------------------------------------------------
+
+    def _control_worker(self) -> None:
+        while (item := self._queue.get()) is not None:
+            req, msg = item
+            try:
+                result = self._control(req, msg)
+                self.reply(msg, Reply.success(result))
+            except EdgepackError as e:
+                log.warning("%s failed: %s", req.NAME, e)
+                hint = e.diagnostics()
+                self.reply(msg, Reply.failure(error_code(e), f"{e}" + (f" ({hint})" if hint else "")))
+            except Exception as e:  # keep serving: a bug in one command must not kill the agent
+                log.exception("%s crashed", req.NAME)
+                self.reply(msg, Reply.failure("internal", f"internal error: {e}"))
+
+
+__all__ = ["CONTROL_QUEUE", "CommandDispatcher"]

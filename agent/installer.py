@@ -1,0 +1,165 @@
+"""Install and roll back on command (MQTT): download, verify + stage + switch, gate, commit | roll back.
+
+Steps of one install, each reported as an event of the job: (1) download with resume into
+``state/downloads`` (``downloading``), (2) the store verifies the signed manifest, stages while
+hashing and switches (``verified``, ``installed``), (3) the resident model is swapped for the new
+bundle and benchmarked against the manifest's SLO (``benchmarked``, with the figures), (4) commit
+(``committed``) or roll back and drop the failed model so the previous one serves again
+(``rolled_back`` with the gate's figures when it was the SLO, then ``failed``).
+
+Every failure says what is serving now, so an operator never has to guess.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from agent._counters import Counters
+from agent.errors import EdgepackError, InstallError
+from agent.gate import GateConfig
+from agent.protocol import InstallRequest, error_code
+from agent.resident import ResidentModel
+from agent.store import InstalledBundle, Store
+
+log = logging.getLogger("agent.installer")
+
+EventSink = Callable[..., None]  # (job, stage, **detail)
+
+# Store event -> the job stage a host sees.
+_STAGES = {"verified": "verified", "switched": "installed", "committed": "committed",
+           "rolled_back": "rolled_back"}
+
+
+def serving_now(store: Store) -> str:
+    """A human phrase for what serves now: ``"gemma v2 (slot ab12...)"`` or ``"nothing"``."""
+    try:
+        cur = store.current()
+    except EdgepackError:
+        return "unknown (the store is unreadable)"
+    if cur is None:
+        return "nothing (no model is installed)"
+    return f"{cur.manifest.model_name} v{cur.manifest.version} (slot {cur.slot})"
+
+
+class Installer:
+    """Carries out install and rollback commands against the store and the resident model.
+
+    Args:
+        store: the device's bundle store.
+        model: the resident model an install swaps.
+        events: receives ``(job, stage, **detail)`` for each step.
+        gate: the post-install gate configuration.
+        load_check: load (and gate) a new bundle before committing it.
+        download_timeout: seconds without download progress before a retry.
+        stop: set when the agent stops; an ongoing download ends.
+        counters: ``install_errors`` is counted here.
+        clock: epoch seconds, for ``last_install``.
+    """
+
+    def __init__(self, store: Store, model: ResidentModel, *, events: EventSink,
+                 gate: GateConfig | None = None, load_check: bool = True,
+                 download_timeout: float = 30.0, stop: threading.Event | None = None,
+                 counters: Counters | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.model = model
+        self._events = events
+        self.gate = gate or GateConfig()
+        self.load_check = load_check
+        self.download_timeout = download_timeout
+        self._stop = stop or threading.Event()
+        self.counters = counters or Counters()
+        self.clock = clock
+        self.last_install: dict[str, Any] | None = None
+        self.last_gate: dict[str, Any] | None = None  # the last post-install benchmark's report
+
+    def install(self, req: InstallRequest, job_id: str) -> dict[str, Any]:
+        """Download, verify, install and gate one bundle.
+
+        Returns:
+            ``{installed, previous, already_installed, check, seconds}``.
+
+        Raises:
+            EdgepackError: any step failed (the ``failed`` event is sent first); an
+                :class:`InstallError` with ``rolled_back`` when the new bundle was switched back.
+        """
+        from agent.fetch import fetch
+
+        downloads = self.store.state_dir / "downloads"
+        downloads.mkdir(parents=True, exist_ok=True)
+        dest = downloads / f"{req.sha256}.bundle"
+        t0 = time.monotonic()
+        last = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            now = time.monotonic()
+            if now - last[0] >= 1.0 or done == total:
+                last[0] = now
+                self._events(job_id, "downloading", bytes=done, total=total)
+
+        self._events(job_id, "downloading", url=req.url, total=req.size)
+        gate: dict[str, Any] = {}  # this install's gate report, for the rolled_back event
+
+        def on_gate(report: dict[str, Any]) -> None:
+            gate.update(report)
+            self._events(job_id, "benchmarked", **report)
+
+        def on_store_event(name: str, data: dict[str, Any]) -> None:
+            stage = _STAGES.get(name)
+            if stage == "rolled_back" and gate:
+                data = {**data, "gate": dict(gate)}  # the measured numbers that failed
+            if stage:
+                self._events(job_id, stage, **data)
+
+        def check(bundle: InstalledBundle) -> dict[str, Any]:
+            return self._gate(bundle, on_gate)
+
+        try:
+            path = fetch(req.url, dest, sha256=req.sha256, size=req.size, progress=progress,
+                         timeout=self.download_timeout, cancel=self._stop)
+            res = self.store.install(path, load_check=check if self.load_check else None,
+                                     on_event=on_store_event)
+        except EdgepackError as e:
+            self.counters.incr("install_errors")
+            rolled_back = isinstance(e, InstallError) and e.rolled_back
+            if rolled_back:
+                self.model.drop()  # the failed model was resident: the next request reloads current
+            serving = serving_now(self.store)
+            self._events(job_id, "failed", code=error_code(e), reason=str(e), rolled_back=rolled_back,
+                         serving=serving)
+            self.last_install = {"ok": False, "code": error_code(e), "reason": str(e),
+                                 "serving": serving, "ts": self.clock()}
+            raise
+        finally:
+            if dest.exists():
+                dest.unlink()  # the verified copy lives in its slot now (or was refused)
+        if not self.load_check:
+            self.model.drop()
+        self.last_install = {"ok": True, "slot": res.bundle.slot, "ts": self.clock()}
+        return {"installed": res.bundle.summary(),
+                "previous": res.previous.summary() if res.previous else None,
+                "already_installed": res.already_installed, "check": res.check,
+                "seconds": round(time.monotonic() - t0, 2)}
+
+    def rollback(self) -> dict[str, Any]:
+        """Make the previous bundle current and drop the resident model (it reloads lazily).
+
+        Raises:
+            StoreError: there is no previous bundle (nothing changed).
+        """
+        b = self.store.rollback()
+        self.model.drop()
+        return {"current": b.summary()}
+
+    def _gate(self, bundle: InstalledBundle, on_gate: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        def record(report: dict[str, Any]) -> None:
+            self.last_gate = {"slot": bundle.slot, **report, "ts": self.clock()}
+            on_gate(report)
+
+        return self.model.load_and_gate(bundle, self.gate, on_gate=record)
+
+
+__all__ = ["Installer", "serving_now"]
