@@ -25,7 +25,9 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 apt_setup() {
     local need=()
     command -v apt-get >/dev/null 2>&1 || return 0
-    for pkg in python3-venv python3-dev build-essential cmake git mosquitto; do
+    # mosquitto: the broker the demo and the tests start; systemd: systemd-analyze, which the
+    # tests use to verify the agent's unit (systemd need not be PID 1 for that).
+    for pkg in python3-venv python3-dev build-essential cmake git mosquitto systemd; do
         dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
     done
     # pyenv/other Pythons ship venv and headers themselves; only Debian's python3 needs the packages.
@@ -77,7 +79,9 @@ case "${1:-}" in
         shift
         setup
         say "ruff"
-        "$VENV/bin/ruff" check agent packager tests bench
+        "$VENV/bin/ruff" check agent packager fleet edgepack tests bench
+        say "mypy"
+        "$VENV/bin/mypy" agent packager fleet edgepack
         say "pytest"
         exec "$PY" -m pytest "$@"
         ;;

@@ -34,7 +34,7 @@ def file_digest(source: Path | str | IO[bytes]) -> FileDigest:
         with open(source, "rb") as f:
             return file_digest(f)
     start = source.tell()
-    h = hashlib.file_digest(source, "sha256")
+    h = hashlib.file_digest(source, "sha256")  # type: ignore[arg-type]  # any binary file object
     return FileDigest(h.hexdigest(), source.tell() - start)
 
 

@@ -189,10 +189,11 @@ def cmd_remove(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     store = open_store(args)
     cur, prev = store.current(), store.previous()
-    out = {"agent_version": __version__, "state_dir": str(store.state_dir),
-           "current": cur.summary() if cur else None, "previous": prev.summary() if prev else None,
-           "trusted_keys": [k.key_id for k in store.keyring.public_keys()],
-           "recovered": store.recovered}
+    out: dict[str, Any] = {
+        "agent_version": __version__, "state_dir": str(store.state_dir),
+        "current": cur.summary() if cur else None, "previous": prev.summary() if prev else None,
+        "trusted_keys": [k.key_id for k in store.keyring.public_keys()],
+        "recovered": store.recovered}
     if args.json:
         dump(out)
     else:

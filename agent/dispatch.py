@@ -13,6 +13,7 @@ Nothing raised while handling or answering a command reaches paho or stops the c
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -121,7 +122,7 @@ class CommandDispatcher:
                     self.reply(msg, Reply.failure("not_found",
                                                   f"no running or queued request {req.request_id!r}"))
             elif isinstance(req, InferRequest):
-                if not self.serving.submit(InferJob(req, lambda c, m=msg: self.chunk(m, c))):
+                if not self.serving.submit(InferJob(req, functools.partial(self.chunk, msg))):
                     self.chunk(msg, InferChunk.failure(
                         0, "busy", f"{self.serving.queue_size} requests are already waiting; retry later"))
             else:

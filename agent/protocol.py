@@ -315,7 +315,8 @@ def _check_limit(name: str, v: object) -> int | float:
             kind = "an integer" if limit.integer else "a number"
             raise _bad(name, f"must be {kind}, not {_json_type(v)}")
         raise _bad(name, f"must be {limit.describe()}")
-    return int(v) if limit.integer else float(v)  # type: ignore[arg-type]
+    assert isinstance(v, int | float)  # admits() checked it
+    return int(v) if limit.integer else float(v)
 
 
 def _json_type(v: object) -> str:

@@ -2,10 +2,10 @@
 
 The demo and the tests start a real broker with it (never a mock), on loopback ports, killable and
 restartable; production fleets point agents at their own MQTT 5 broker instead. Facts it encodes
-(DESIGN.md, tool facts): mosquitto does not start itself; as root it needs ``user root`` to write its
-persistence; ``set_tcp_nodelay true`` or a round trip costs 44–88 ms; ``max_queued_messages`` above
-the default 1000 or QoS 1 bursts are silently dropped; ``listener 0`` is not an ephemeral port, so we
-pick free ports ourselves; it is ready only once it logs "running".
+(measured with Debian's mosquitto 2.0.11): mosquitto does not start itself; as root it needs
+``user root`` to write its persistence; ``set_tcp_nodelay true`` or a round trip costs 44–88 ms;
+``max_queued_messages`` above the default 1000 or QoS 1 bursts are silently dropped; ``listener 0``
+is not an ephemeral port, so we pick free ports ourselves; it is ready only once it logs "running".
 
 Auth mode writes a ``password_file`` in mosquitto's PBKDF2-SHA512 ``$7$`` format from Python and an
 ``acl_file`` that confines each device (user name = device id) to its own subtree, read-only on its

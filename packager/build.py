@@ -94,9 +94,10 @@ class BuildReport:
             q, sp = v.get("quality", {}), v.get("speed", {})
             speed = (f"{sp['ttft_ms']:.0f} | {sp['decode_tok_s']:.1f}" if "decode_tok_s" in sp
                      else "n/a | n/a")
+            ref = (f"{q['reference_ppl']:.3f} | {q['delta_pct']:+.2f}" if q.get("delta_pct") is not None
+                   else "not measured against a reference | n/a")
             lines.append(
-                f"| {key} | {v['size_bytes'] / 2**20:.1f} | {q.get('ppl', nan):.3f} | "
-                f"{q.get('reference_ppl', nan):.3f} | {q.get('delta_pct', nan):+.2f} | "
+                f"| {key} | {v['size_bytes'] / 2**20:.1f} | {q.get('ppl', nan):.3f} | {ref} | "
                 f"{q.get('top1_agreement') or nan:.3f} | {speed} |"
             )
         if self.chart:
@@ -179,12 +180,12 @@ def build_variant(model: ModelInfo, variant: Variant, *, cache_dir: Path, thread
 def measure_variant(model: ModelInfo, variant: Variant, artifact: Path, *, cache_dir: Path,
                     threads: int) -> QualityReport:
     """Quality of one variant against the full-precision build of the same format, scored by the
-    runtime that will serve it (a ready folder has no reference: it is scored against itself)."""
+    runtime that will serve it (a ready folder has no reference: it is scored, not compared)."""
     from packager.quality import measure
 
     if model.source_kind == variant.format:
-        return measure(artifact, artifact, runtime=variant.runtime, threads=threads,
-                       variant_name=variant.quant, reference_name="none (ready folder)")
+        return measure(artifact, None, runtime=variant.runtime, threads=threads,
+                       variant_name=variant.quant)
     if variant.format in CPU_PROXY_FORMATS and variant.device != "cpu":
         # An ONNX build for CUDA or DirectML only loads where that EP exists; its weights are the
         # CPU build's (same precision and options), which is what gets scored, and the manifest
@@ -241,7 +242,7 @@ def _manifest(model: ModelInfo, pp: ProfilePlan, payload: dict[str, Path], entry
         requirements=Requirements(prof.match.arch, pp.estimate.total_bytes, size),
         generation={"context": pp.context, "threads": prof.target.threads,
                     "options": dict(pp.variant.options),
-                    "chat_template": chat_template or "", "repeat_penalty": 1.15},
+                    "chat_template": chat_template or ""},
         quality=quality,
         slo=asdict(prof.slo),
         source={"kind": model.source_kind, "digest": model.source_digest, "name": model.name,

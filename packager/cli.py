@@ -158,6 +158,7 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     from packager.build import build
     from packager.keys import load_signing_key
+    from packager.quality import describe_loss
 
     key = load_signing_key(args.key)
     cache = _cache(args)
@@ -169,8 +170,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         for b in report.bundles:
             q = b.manifest.quality
             print(f"{b.profile:18s} {b.path}  ({b.size_bytes / 2**20:.0f} MiB, ppl "
-                  f"{q.get('ppl', 0):.2f} vs {q.get('reference_ppl', 0):.2f}, "
-                  f"{q.get('delta_pct', 0):+.2f}%)")
+                  f"{q.get('ppl', 0):.2f}, {describe_loss(q)})")
         for p, why in {**report.refused, **report.over_budget}.items():
             _err(f"{p:18s} refused: {why}")
         _err(f"report: {Path(args.output) / 'build-report.md'}")
@@ -191,10 +191,13 @@ def cmd_bundle_inspect(args: argparse.Namespace) -> int:
           f"target:    {t.runtime} / {t.format} / {t.precision} {t.quant} on {t.device}\n"
           f"signer:    {m.signer_key_id}\ncreated:   {m.created}")
     q = m.quality
-    if q:
+    if q and q.get("delta_pct") is not None:
         print(f"quality:   {q.get('metric')} {q.get('ppl', 0):.3f} vs {q.get('reference')} "
               f"{q.get('reference_ppl', 0):.3f} ({q.get('delta_pct', 0):+.2f}%), top-1 agreement "
-              f"{q.get('top1_agreement', 0):.3f} over {q.get('tokens')} tokens")
+              f"{q.get('top1_agreement') or 0:.3f} over {q.get('tokens')} tokens")
+    elif q:
+        print(f"quality:   {q.get('metric')} {q.get('ppl', 0):.3f}, not measured against a reference "
+              f"(a ready folder, shipped as it is)")
     print(f"requires:  arch {', '.join(m.requirements.arch) or 'any'}, RAM "
           f"{m.requirements.min_ram_bytes / 2**30:.2f} GiB")
     for f in m.files:

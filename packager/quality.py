@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -41,12 +42,12 @@ class QualityReport:
 
     metric: str  # "perplexity"
     variant: str  # the variant's quant name (e.g. "Q4_K_M")
-    reference: str  # the reference's quant name (e.g. "F16")
-    reference_ppl: float
+    reference: str  # the reference's quant name (e.g. "F16"); NO_REFERENCE when there is none
+    reference_ppl: float | None  # None: not measured against a reference (a ready folder)
     ppl: float
     mean_nll: float  # nats per token
-    reference_mean_nll: float
-    delta_pct: float  # perplexity increase over the reference, percent
+    reference_mean_nll: float | None
+    delta_pct: float | None  # perplexity increase over the reference, percent; None: no reference
     top1_agreement: float | None  # fraction of positions whose argmax matches the reference
     tokens: int  # scored tokens
     eval_sha256: str
@@ -58,13 +59,26 @@ class QualityReport:
         """The report as the manifest's ``quality`` table (floats rounded for stable output)."""
         d = asdict(self)
         for k in ("reference_ppl", "ppl", "mean_nll", "reference_mean_nll"):
-            d[k] = round(d[k], 6)
-        d["delta_pct"] = round(self.delta_pct, 3)
+            if d[k] is not None:
+                d[k] = round(d[k], 6)
+        if self.delta_pct is not None:
+            d["delta_pct"] = round(self.delta_pct, 3)
         if self.top1_agreement is not None:
             d["top1_agreement"] = round(self.top1_agreement, 6)
         if not self.measured_as:
             del d["measured_as"]
         return d
+
+
+NO_REFERENCE = "none"
+
+
+def describe_loss(quality: Mapping[str, Any]) -> str:
+    """A manifest quality table in words: ``"+0.57% vs F16"`` or that nothing was compared."""
+    delta = quality.get("delta_pct")
+    if not isinstance(delta, int | float) or isinstance(delta, bool):
+        return "not measured against a reference"
+    return f"{delta:+.2f}% vs {quality.get('reference', '?')}"
 
 
 def eval_text() -> tuple[str, str]:
@@ -77,14 +91,16 @@ def eval_text() -> tuple[str, str]:
     return data.decode("utf-8"), hashlib.sha256(data).hexdigest()
 
 
-def measure(variant_path: Path, reference_path: Path, *, runtime: str = "llamacpp",
+def measure(variant_path: Path, reference_path: Path | None, *, runtime: str = "llamacpp",
             threads: int = 0, window: int = 512, variant_name: str = "",
             reference_name: str = "") -> QualityReport:
     """Measure a variant's perplexity increase over its reference on the evaluation text.
 
     Args:
         variant_path: the model to judge (a file or folder the runtime loads).
-        reference_path: the full-precision (or best available) model of the same source.
+        reference_path: the full-precision (or best available) model of the same source; None
+            when there is none (a ready folder): the variant is scored and the report says it was
+            not measured against a reference.
         runtime: the runtime name (see :func:`agent.runtimes.get_runtime`).
         threads: CPU threads; 0 = the runtime's default.
         window: tokens per scoring window.
@@ -99,6 +115,15 @@ def measure(variant_path: Path, reference_path: Path, *, runtime: str = "llamacp
         InferenceError: loading or scoring a model failed.
     """
     text, eval_sha = eval_text()
+    if reference_path is None:
+        res = _score(variant_path, text, runtime=runtime, threads=threads, window=window)
+        log.info("%s: perplexity %.3f, not measured against a reference", variant_path.name,
+                 res.perplexity)
+        return QualityReport(
+            metric="perplexity", variant=variant_name or _quant_name(variant_path),
+            reference=NO_REFERENCE, reference_ppl=None, ppl=res.perplexity, mean_nll=res.mean_nll,
+            reference_mean_nll=None, delta_pct=None, top1_agreement=None, tokens=res.tokens,
+            eval_sha256=eval_sha, runtime=runtime, window=window)
     ref_digest = _digest(reference_path)
     key = (ref_digest, runtime, window, eval_sha)
     ref = _reference_results.get(key)
@@ -207,11 +232,17 @@ def check_budget(report: QualityReport, profile: DeviceProfile) -> None:
     """
     budget = profile.budget.max_ppl_increase_pct
     measured = report.delta_pct
+    if measured is None:
+        # A ready folder ships as it is: there is nothing to compare it with, and the manifest
+        # says "not measured against a reference" instead of claiming a loss of 0.
+        log.info("%s for %s: no reference, the quality budget does not apply", report.variant,
+                 profile.name)
+        return
     if math.isfinite(measured) and measured <= budget:
         return
     loss = f"{measured:.1f}%" if math.isfinite(measured) else f"a non-finite ({measured})"
     raise QualityBudgetError(
         f"variant {report.variant} for profile {profile.name} loses {loss} perplexity "
-        f"({report.reference_ppl:.1f} -> {report.ppl:.1f}); the profile allows {budget:.1f}%",
+        f"({report.reference_ppl or math.nan:.1f} -> {report.ppl:.1f}); the profile allows {budget:.1f}%",
         profile=profile.name, measured_pct=measured, budget_pct=budget,
     )

@@ -103,6 +103,8 @@ def chart_points(variants: Mapping[str, Mapping[str, Any]]) -> list[ChartPoint]:
     groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
     for v in variants.values():
         q = v.get("quality", {})
+        if q.get("delta_pct") is None:
+            continue  # not measured against a reference: it has no place on a quality-loss axis
         key = (v.get("runtime"), v.get("quant") or v.get("precision"), v["size_bytes"],
                round(float(q.get("delta_pct", float("nan"))), 3))
         groups.setdefault(key, []).append(v)
@@ -182,6 +184,11 @@ def precision_class(v: Mapping[str, Any]) -> str:
     return str(v.get("precision") or "?")
 
 
+def _delta(q: Mapping[str, Any]) -> str:
+    d = q.get("delta_pct")
+    return "n/a (no reference)" if d is None else f"{float(d):+.2f}"
+
+
 def cross_runtime_rows(variants: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Markdown rows comparing the same precision across runtimes (e.g. int4 GGUF vs ONNX vs IR)."""
     by_precision: dict[str, list[tuple[str, Mapping[str, Any]]]] = {}
@@ -196,6 +203,6 @@ def cross_runtime_rows(variants: Mapping[str, Mapping[str, Any]]) -> list[str]:
             q, s = v.get("quality", {}), v.get("speed", {})
             rate = f"{s['decode_tok_s']:.1f}" if "decode_tok_s" in s else "n/a"
             rows.append(f"| {precision} | {v.get('runtime')} | {key} | {v['size_bytes'] / 2**20:.1f} | "
-                        f"{float(q.get('delta_pct', float('nan'))):+.2f} | "
+                        f"{_delta(q)} | "
                         f"{q.get('top1_agreement') or float('nan'):.3f} | {rate} |")
     return rows

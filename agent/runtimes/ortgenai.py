@@ -15,11 +15,11 @@ enforced here.
 ``evaluate_nll`` feeds each window to a fresh generator, :data:`_NLL_BATCH` tokens at a time,
 and reads the generator's ``logits`` output, which after ``append_tokens`` holds a row per
 appended token; rows are scored with :func:`~agent.runtimes.base.score_logits` like every runtime.
-(DESIGN.md first named a plain ``onnxruntime.InferenceSession`` with an empty past KV cache; the
-0.18 builder gives Gemma 3's sliding layers a windowed cache whose GroupQueryAttention refuses a
-past buffer smaller than the window, so that no longer works. This way needs no second session or
-copy of the weights, works on every execution provider, keeps memory bounded, and in fp32 matched
-transformers to 1e-5 nats on 50-1025 tokens.)
+Why not a plain ``onnxruntime.InferenceSession`` with an empty past KV cache: the 0.18 builder
+gives Gemma 3's sliding layers a windowed cache whose GroupQueryAttention refuses a past buffer
+smaller than the window. This way needs no second session or copy of the weights, works on every
+execution provider, keeps memory bounded, and in fp32 matches transformers to 1e-5 nats on
+50-1025 tokens.
 """
 
 from __future__ import annotations
