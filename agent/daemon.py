@@ -37,6 +37,7 @@ from agent.dispatch import CommandDispatcher
 from agent.errors import EdgepackError, TransportError
 from agent.gate import GateConfig
 from agent.installer import Installer
+from agent.jobs import JobJournal
 from agent.protocol import (
     Command,
     InstallRequest,
@@ -60,8 +61,8 @@ from agent.transport.mqtt import Message, MqttTransport, Will
 log = logging.getLogger("agent.daemon")
 _T = TypeVar("_T")
 
-COUNTERS = ("commands", "rejected", "busy", "duplicates", "infer_errors", "install_errors",
-            "health_errors")
+COUNTERS = ("commands", "rejected", "busy", "duplicates", "replayed", "infer_errors",
+            "install_errors", "health_errors")
 
 
 @dataclass
@@ -146,8 +147,10 @@ class Agent:
             will=Will(self.topics.state, state_payload("lost"), qos=1, retain=True),
             on_connect=self._on_connect,
         )
+        self.journal = JobJournal(config.state_dir / "jobs.json")
         self.dispatcher = CommandDispatcher(self.transport.publish, self.serving, self._control,
-                                            counters=self.counters)
+                                            journal=self.journal, on_replay=self._replayed,
+                                            counters=self.counters, clock=clock)
         self.transport.subscribe(self.topics.cmd_filter, qos=1, handler=self.dispatcher.on_command)
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -307,14 +310,16 @@ class Agent:
 
     def _control(self, req: Command, msg: Message) -> dict[str, Any]:
         if isinstance(req, InstallRequest):
-            job_id = (msg.correlation_data or secrets.token_bytes(8)).hex()[:32]
-            result = self.installer.install(req, job_id)
-            self._announce_bundles()
-            return result
+            job_id = req.job or (msg.correlation_data or secrets.token_bytes(8)).hex()[:32]
+            try:
+                return self.installer.install(req, job_id)
+            finally:
+                self._announce_bundles()
         if isinstance(req, RollbackRequest):
-            result = self.installer.rollback()
-            self._announce_bundles()
-            return result
+            try:
+                return self.installer.rollback(from_digest=req.from_digest)
+            finally:
+                self._announce_bundles()
         if isinstance(req, StatusRequest):
             return self.status()
         if isinstance(req, ProbeRequest):
@@ -323,6 +328,16 @@ class Agent:
             return {"facts": probe(runtimes=req.runtimes, disk_path=self.config.state_dir),
                     "profile": self._profile()}
         raise ProtocolError(f"unhandled command {req.NAME}", code="unknown_command")
+
+    def _replayed(self, job: str, req: Command, recorded: dict[str, Any]) -> None:
+        # A host that lost the first answer may also have lost the job's events: say again how
+        # it ended, marked as a replay.
+        if isinstance(req, InstallRequest):
+            if recorded.get("ok"):
+                self._event(job, "committed", replayed=True, **(recorded.get("result") or {}))
+            else:
+                err = recorded.get("error") or {}
+                self._event(job, "failed", replayed=True, code=err.get("code"), reason=err.get("message"))
 
     def _announce_bundles(self) -> None:
         with contextlib.suppress(EdgepackError):

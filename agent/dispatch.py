@@ -1,11 +1,14 @@
 """Commands from MQTT: validate, drop duplicates, route, and answer every one of them.
 
-Runs on paho's network thread and never blocks it: (1) a duplicate delivery (same correlation data,
-e.g. a QoS 1 resend around a broker restart) is dropped, (2) the payload is parsed strictly
+Runs on paho's network thread and never blocks it: (1) the payload is parsed strictly
 (:func:`agent.protocol.parse_command`); a malformed one is answered with its error code at once,
+(2) a duplicate delivery (same correlation data, e.g. a QoS 1 resend around a broker restart) is
+dropped — except a named job (``job`` on install/rollback), which the journal answers instead,
 (3) ``infer`` goes to the :class:`~agent.serving.InferenceServer` (a full queue answers ``busy``),
 ``cancel`` is answered at once, (4) everything else (install, rollback, status, probe) goes to the
-control worker, one at a time, and gets exactly one :class:`~agent.protocol.Reply`.
+control worker, one at a time, and gets exactly one :class:`~agent.protocol.Reply`. A named job
+that the :class:`~agent.jobs.JobJournal` has finished is answered with the recorded reply and not
+run again; otherwise it is recorded ``running`` before it starts and with its reply after.
 
 Nothing raised while handling or answering a command reaches paho or stops the control worker.
 """
@@ -17,12 +20,14 @@ import functools
 import logging
 import queue
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from agent._counters import Counters
 from agent.errors import EdgepackError
+from agent.jobs import JobJournal
 from agent.protocol import (
     COMMANDS,
     CancelRequest,
@@ -44,6 +49,7 @@ SEEN_CORRELATIONS = 4096  # duplicate suppression memory
 
 Publish = Callable[..., None]  # MqttTransport.publish
 ControlHandler = Callable[[Command, Message], dict[str, Any]]
+ReplayHandler = Callable[[str, Command, dict[str, Any]], None]  # (job, request, recorded reply)
 
 
 class _Seen:
@@ -71,14 +77,24 @@ class CommandDispatcher:
         publish: sends a message (``MqttTransport.publish``); may raise TransportError.
         serving: the inference server shared by every door.
         control: runs one control command and returns its result (raises EdgepackError to fail).
-        counters: ``commands``, ``rejected``, ``busy`` and ``duplicates`` are counted here.
+        journal: outcomes of named jobs (None: jobs are not remembered across restarts).
+        on_replay: told when a finished job is answered from the journal (to resend its final
+            event).
+        counters: ``commands``, ``rejected``, ``busy``, ``duplicates`` and ``replayed`` are
+            counted here.
+        clock: epoch seconds, for the journal.
     """
 
     def __init__(self, publish: Publish, serving: InferenceServer, control: ControlHandler, *,
-                 counters: Counters | None = None, control_queue: int = CONTROL_QUEUE) -> None:
+                 journal: JobJournal | None = None, on_replay: ReplayHandler | None = None,
+                 counters: Counters | None = None, control_queue: int = CONTROL_QUEUE,
+                 clock: Callable[[], float] = time.time) -> None:
         self._publish = publish
         self.serving = serving
         self._control = control
+        self.journal = journal
+        self._on_replay = on_replay
+        self.clock = clock
         self.counters = counters or Counters()
         self._queue: queue.Queue[tuple[Command, Message] | None] = queue.Queue(control_queue)
         self._seen = _Seen(SEEN_CORRELATIONS)
@@ -102,18 +118,19 @@ class CommandDispatcher:
         name = msg.topic.rsplit("/", 1)[-1]
         try:
             self.counters.incr("commands")
-            if msg.correlation_data and not self._seen.first_time(msg.correlation_data):
-                self.counters.incr("duplicates")
-                log.info("dropped a duplicate %s command", name)
-                return
             try:
                 if name not in COMMANDS:
                     raise ProtocolError(f"unknown command {name!r} (known: {', '.join(COMMANDS)})",
                                         code="unknown_command")
                 req = parse_command(name, msg.payload)
             except ProtocolError as e:
+                if not self._first_delivery(msg, None):
+                    return
                 self.counters.incr("rejected")
                 self._answer_error(msg, name, e.code, str(e))
+                return
+            if not self._first_delivery(msg, _job_of(req)):
+                log.info("dropped a duplicate %s command", name)
                 return
             if isinstance(req, CancelRequest):
                 if self.serving.cancel(req.request_id):
@@ -136,6 +153,16 @@ class CommandDispatcher:
             self.counters.incr("rejected")
             with contextlib.suppress(Exception):
                 self.reply(msg, Reply.failure("internal", f"internal error: {e}"))
+
+    def _first_delivery(self, msg: Message, job: str | None) -> bool:
+        # A named job is never dropped: the journal answers it (a second reply is harmless; a
+        # missing one would leave a rollout waiting for its timeout).
+        if job is not None or not msg.correlation_data:
+            return True
+        if self._seen.first_time(msg.correlation_data):
+            return True
+        self.counters.incr("duplicates")
+        return False
 
     def _answer_error(self, msg: Message, name: str, code: str, text: str) -> None:
         if name == "infer":
@@ -166,16 +193,39 @@ class CommandDispatcher:
     def _control_worker(self) -> None:
         while (item := self._queue.get()) is not None:
             req, msg = item
+            job = _job_of(req)
             try:
-                result = self._control(req, msg)
-                self.reply(msg, Reply.success(result))
-            except EdgepackError as e:
-                log.warning("%s failed: %s", req.NAME, e)
-                hint = e.diagnostics()
-                self.reply(msg, Reply.failure(error_code(e), f"{e}" + (f" ({hint})" if hint else "")))
+                recorded = self.journal.finished(job) if job and self.journal else None
+                if job and recorded is not None:
+                    self.counters.incr("replayed")
+                    log.info("job %s already finished: answering with its recorded reply", job)
+                    reply = Reply(bool(recorded.get("ok")), recorded.get("result"), recorded.get("error"))
+                    if self._on_replay is not None:
+                        self._on_replay(job, req, recorded)
+                    self.reply(msg, reply)
+                    continue
+                if job and self.journal:
+                    self.journal.start(job, req.NAME, self.clock())
+                reply = self._run(req, msg)
+                if job and self.journal:
+                    self.journal.finish(job, {"ok": reply.ok, "result": reply.result,
+                                              "error": reply.error}, self.clock())
+                self.reply(msg, reply)
             except Exception as e:  # keep serving: a bug in one command must not kill the agent
                 log.exception("%s crashed", req.NAME)
                 self.reply(msg, Reply.failure("internal", f"internal error: {e}"))
+
+    def _run(self, req: Command, msg: Message) -> Reply:
+        try:
+            return Reply.success(self._control(req, msg))
+        except EdgepackError as e:
+            log.warning("%s failed: %s", req.NAME, e)
+            hint = e.diagnostics()
+            return Reply.failure(error_code(e), f"{e}" + (f" ({hint})" if hint else ""))
+
+
+def _job_of(req: Command) -> str | None:
+    return getattr(req, "job", None)
 
 
 __all__ = ["CONTROL_QUEUE", "CommandDispatcher"]

@@ -138,21 +138,37 @@ class Installer:
                 dest.unlink()  # the verified copy lives in its slot now (or was refused)
         if not self.load_check:
             self.model.drop()
+        if res.check and not res.already_installed:
+            # Kept beside the bundle: the device's own figures on it are the baseline a rollout
+            # compares the next bundle with (birth carries them), across restarts.
+            self.store.record_gate(res.bundle.slot, {**res.check, "ts": self.clock()})
         self.last_install = {"ok": True, "slot": res.bundle.slot, "ts": self.clock()}
         return {"installed": res.bundle.summary(),
                 "previous": res.previous.summary() if res.previous else None,
                 "already_installed": res.already_installed, "check": res.check,
                 "seconds": round(time.monotonic() - t0, 2)}
 
-    def rollback(self) -> dict[str, Any]:
+    def rollback(self, *, from_digest: str | None = None) -> dict[str, Any]:
         """Make the previous bundle current and drop the resident model (it reloads lazily).
+
+        Args:
+            from_digest: roll back only if the bundle with this manifest digest is current; if
+                another one is, nothing changes (``rolled_back: False`` and the reason).
+
+        Returns:
+            ``{"current": summary, "rolled_back": bool}`` (and ``reason`` when nothing changed).
 
         Raises:
             StoreError: there is no previous bundle (nothing changed).
         """
+        if from_digest is not None:
+            cur = self.store.current()
+            if cur is None or cur.digest != from_digest:
+                return {"current": cur.summary() if cur else None, "rolled_back": False,
+                        "reason": f"the bundle {from_digest[:16]} is not current here; nothing changed"}
         b = self.store.rollback()
         self.model.drop()
-        return {"current": b.summary()}
+        return {"current": b.summary(), "rolled_back": True}
 
     def _gate(self, bundle: InstalledBundle, on_gate: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         def record(report: dict[str, Any]) -> None:

@@ -362,12 +362,18 @@ class _Request:
 
 @dataclass(frozen=True)
 class InstallRequest(_Request):
-    """Install the bundle at ``url`` (http, https or file), whose sha256 and size are given."""
+    """Install the bundle at ``url`` (http, https or file), whose sha256 and size are given.
+
+    ``job`` names the install (a rollout derives it from itself and the device): the agent keeps
+    the outcome of every named job, so the same job sent again — a controller that restarted and
+    resends what it had in flight — is answered with the recorded outcome, never executed twice.
+    """
 
     NAME: ClassVar[str] = "install"
     url: str
     sha256: str
     size: int
+    job: str | None = None
 
     def __post_init__(self) -> None:
         _check_str("url", self.url, 1, _MAX_URL_CHARS)
@@ -389,13 +395,29 @@ class InstallRequest(_Request):
         if not isinstance(self.sha256, str) or not _SHA256.match(self.sha256):
             raise _bad("sha256", "must be 64 lowercase hex digits")
         _check_int("size", self.size, 1, _MAX_SIZE)
+        if self.job is not None:
+            _check_job(self.job)
 
 
 @dataclass(frozen=True)
 class RollbackRequest(_Request):
-    """Switch back to the previously installed bundle."""
+    """Switch back to the previously installed bundle.
+
+    ``job`` makes it idempotent as for :class:`InstallRequest` (a rollback done twice would swap
+    back). ``from_digest``, the manifest digest of the bundle to leave, makes it conditional: if
+    something else is current, nothing changes and the reply says so.
+    """
 
     NAME: ClassVar[str] = "rollback"
+    job: str | None = None
+    from_digest: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.job is not None:
+            _check_job(self.job)
+        if self.from_digest is not None and (not isinstance(self.from_digest, str)
+                                             or not _SHA256.match(self.from_digest)):
+            raise _bad("from_digest", "must be 64 lowercase hex digits")
 
 
 @dataclass(frozen=True)
@@ -467,9 +489,13 @@ class CancelRequest(_Request):
         _check_request_id(self.request_id)
 
 
-def _check_request_id(v: object) -> None:
+def _check_request_id(v: object, name: str = "request_id") -> None:
     if not isinstance(v, str) or not _REQUEST_ID.match(v):
-        raise _bad("request_id", "must match [A-Za-z0-9_.:-]{1,128}")
+        raise _bad(name, "must match [A-Za-z0-9_.:-]{1,128}")
+
+
+def _check_job(v: object) -> None:
+    _check_request_id(v, "job")
 
 
 Command: TypeAlias = (

@@ -38,6 +38,7 @@ from agent.profiles.schema import normalize_arch
 
 log = logging.getLogger("agent.store")
 
+GATE_NAME = "gate.json"  # in a slot: the gate report measured on it here
 DISK_MARGIN_BYTES = 64 << 20  # keep this much free beyond the payload: logs and state must still fit
 EventSink = Callable[[str, dict[str, Any]], None]
 LoadCheck = Callable[["InstalledBundle"], dict[str, Any] | None]
@@ -60,13 +61,22 @@ class InstalledBundle:
     def entrypoint(self) -> Path:
         return self.payload_dir / (self.manifest.target.entrypoint or self.manifest.files[0].path)
 
+    @property
+    def gate(self) -> dict[str, Any] | None:
+        """The post-install gate report this device measured on this bundle (None: never gated)."""
+        try:
+            data = json.loads((self.path / GATE_NAME).read_bytes())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
     def summary(self) -> dict[str, Any]:
         m = self.manifest
         return {
             "slot": self.slot, "digest": self.digest, "model": m.model_name, "version": m.version,
             "profile": m.profile, "runtime": m.target.runtime, "format": m.target.format,
             "precision": m.target.precision, "quant": m.target.quant,
-            "size_bytes": m.payload_bytes, "quality": m.quality,
+            "size_bytes": m.payload_bytes, "quality": m.quality, "gate": self.gate,
         }
 
 
@@ -321,6 +331,12 @@ class Store:
             emit("committed", {"slot": slot, "version": manifest.version, "check": figures})
             prev = self._load_slot(old_current) if old_current else None
             return InstallResult(new, prev, check=figures)
+
+    def record_gate(self, slot: str, report: dict[str, Any]) -> None:
+        """Keep the gate report measured on an installed bundle beside it (atomically)."""
+        d = self._slot_dir(slot)
+        if d.is_dir():
+            atomic_write(d / GATE_NAME, json.dumps(report, sort_keys=True).encode())
 
     def _check_requirements(self, m: Manifest) -> None:
         req = m.requirements

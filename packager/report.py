@@ -127,8 +127,13 @@ def write_chart(variants: Mapping[str, Mapping[str, Any]], out: Path, *, title: 
         title: the chart title.
 
     Returns:
-        ``out``, or None when matplotlib is not installed (the markdown report stands alone).
+        ``out``, or None when matplotlib is not installed or no variant was measured against a
+        reference (the markdown report stands alone).
     """
+    points = chart_points(variants)
+    if not points:
+        log.info("no variant has a measured quality loss: no chart")
+        return None
     try:
         import matplotlib
 
@@ -137,7 +142,6 @@ def write_chart(variants: Mapping[str, Mapping[str, Any]], out: Path, *, title: 
     except ImportError:
         log.warning("matplotlib is not installed: no chart (pip install 'edgepack[packager]')")
         return None
-    points = chart_points(variants)
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
     vmax = max((p.decode_tok_s for p in points), default=0.0) or 1.0
     markers = {"llamacpp": "o", "ortgenai": "s", "openvino": "^"}
