@@ -137,13 +137,19 @@ class Broker:
         users: ``{user: password}`` — enables auth + ACL when given (anonymous refused).
         controllers: which of ``users`` may access the whole tree.
         tls: also open a TLS listener (``tls_port``, CA at ``ca_file``).
+        bridges: ``mqtt://host:port`` URLs of central brokers to bridge ``edgepack/#`` to, both
+            ways, over MQTT 5 (a two-tier topology: devices on edge brokers, the controller on
+            the central one). Retained messages and MQTT 5 properties (Response Topic,
+            Correlation Data, expiry) cross a mosquitto bridge; shared subscriptions do not
+            balance across one.
 
     Use as a context manager, or call :meth:`start` / :meth:`stop`. Ports and persistence stay
     the same across :meth:`restart`, so persistent sessions survive it.
     """
 
     def __init__(self, workdir: Path, *, users: dict[str, str] | None = None,
-                 controllers: tuple[str, ...] = (), tls: bool = False) -> None:
+                 controllers: tuple[str, ...] = (), tls: bool = False,
+                 bridges: tuple[str, ...] = ()) -> None:
         binary = mosquitto_binary()
         if binary is None:
             raise TransportError("mosquitto not found: apt-get install mosquitto")
@@ -152,6 +158,7 @@ class Broker:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.users = dict(users or {})
         self.controllers = controllers
+        self.bridges = bridges
         self.port = free_port()
         self.tls_port = free_port() if tls else None
         self.ca_file: Path | None = None
@@ -208,6 +215,12 @@ class Broker:
             self.ca_file = ca
             lines += ["", f"listener {self.tls_port} {HOST}", f"cafile {ca}", f"certfile {cert}",
                       f"keyfile {key}", "tls_version tlsv1.2"]
+        for i, url in enumerate(self.bridges):
+            host, _, port = url.removeprefix("mqtt://").partition(":")
+            lines += ["", f"connection edgepack-bridge-{i}", f"address {host}:{port or 1883}",
+                      "bridge_protocol_version mqttv50", "topic edgepack/# both 1",
+                      f"remote_clientid edgepack-bridge-{self.port}-{i}", "cleansession false",
+                      "restart_timeout 1 5", "try_private true"]
         self.conf_file.write_text("\n".join(lines) + "\n")
 
     # --- lifecycle -----------------------------------------------------------------------------

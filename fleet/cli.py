@@ -396,6 +396,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     s.add_argument("device")
     s.add_argument("request_id")
 
+    from fleet.rollout_cli import add_commands as add_rollout_commands
+
+    add_rollout_commands(sub, fsub)  # rollout start|status|pause|resume|abort|list, fleet controller
+
     s = sub.add_parser("serve", help="serve a folder of bundles over HTTP (with index.json)")
     s.add_argument("directory")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")

@@ -166,6 +166,15 @@ class Inventory:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, key: object) -> bool:
+        """``(fleet, device) in inventory``: whether anything of that device is known."""
+        return key in self._entries
+
+    def record(self, fleet: str, device: str, now: float | None = None) -> DeviceRecord | None:
+        """One device's record (as :meth:`devices` would give it), or None if unknown."""
+        e = self._entries.get((fleet, device))
+        return _record(fleet, device, e, now if now is not None else self._now) if e else None
+
     def _clear(self, key: tuple[str, str], kind: str) -> None:
         e = self._entries.get(key)
         if e is None:
