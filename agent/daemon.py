@@ -166,16 +166,23 @@ class Agent:
         return self._ready.wait(timeout)
 
     def run(self) -> None:
-        """Serve until :meth:`request_stop`: health messages and watchdog pings from this thread."""
+        """Serve until :meth:`request_stop`: health messages and watchdog pings from this thread.
+
+        systemd hears READY as soon as the agent serves locally, whether or not the broker is
+        reachable: a device that boots while its broker is down must not be killed at the start
+        timeout and restarted in a loop. The broker's state goes in STATUS, updated as it changes.
+        """
         self.start()
-        notified = False
         watchdog = systemd.watchdog_interval(os.environ)
+        systemd.ready(self._systemd_status(False))
+        told_connected = False
         next_health = time.monotonic()
         while not self._stop.is_set():
             now = time.monotonic()
-            if self._ready.is_set() and not notified:
-                systemd.ready(f"serving {self.topics.base} on {self.config.broker_url}")
-                notified = True
+            connected = self._ready.is_set() and self.transport.connected
+            if connected != told_connected:
+                systemd.status(self._systemd_status(connected))
+                told_connected = connected
             if now >= next_health and self.transport.connected:
                 self.publish_health()
                 next_health = now + self.config.health_interval
@@ -187,6 +194,12 @@ class Agent:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def _systemd_status(self, connected: bool) -> str:
+        if connected:
+            return f"serving {self.topics.base} on {self.config.broker_url}"
+        why = self.transport.last_error or "connecting"
+        return f"serving locally; broker {self.config.broker_url} not connected ({why})"
 
     def stop(self) -> None:
         """Publish ``offline``, stop the workers (finishing the running request) and disconnect."""

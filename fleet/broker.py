@@ -142,6 +142,7 @@ class Broker:
             the central one). Retained messages and MQTT 5 properties (Response Topic,
             Correlation Data, expiry) cross a mosquitto bridge; shared subscriptions do not
             balance across one.
+        port: the plain listener's port (default: a free one).
 
     Use as a context manager, or call :meth:`start` / :meth:`stop`. Ports and persistence stay
     the same across :meth:`restart`, so persistent sessions survive it.
@@ -149,7 +150,7 @@ class Broker:
 
     def __init__(self, workdir: Path, *, users: dict[str, str] | None = None,
                  controllers: tuple[str, ...] = (), tls: bool = False,
-                 bridges: tuple[str, ...] = ()) -> None:
+                 bridges: tuple[str, ...] = (), port: int | None = None) -> None:
         binary = mosquitto_binary()
         if binary is None:
             raise TransportError("mosquitto not found: apt-get install mosquitto")
@@ -159,7 +160,7 @@ class Broker:
         self.users = dict(users or {})
         self.controllers = controllers
         self.bridges = bridges
-        self.port = free_port()
+        self.port = port or free_port()
         self.tls_port = free_port() if tls else None
         self.ca_file: Path | None = None
         self.log_file = self.workdir / "mosquitto.log"

@@ -169,7 +169,7 @@ def test_an_offline_device_waits_for_its_timeout_and_is_not_a_failure():
 
 def test_an_offline_device_that_returns_in_time_is_installed():
     devices = [*fleet(2), DeviceInfo("late", "raspberry-pi-5", False, "0" * 64, BASE)]
-    r, first = make(devices=devices, waves=Waves.parse("100%"), device_timeout=100)
+    r, _ = make(devices=devices, waves=Waves.parse("100%"), device_timeout=100)
     back = r.device(DeviceInfo("late", "raspberry-pi-5", True, "0" * 64, BASE), 50.0)
     assert [a.device for a in back] == ["late"]
 
