@@ -1,9 +1,9 @@
 """The agent over MQTT vs raw baselines on the same machine and the same mosquitto (loopback).
 
 1. Decode tok/s of inference streamed through MQTT (host-side arrival times of the chunks) vs raw
-   llama-cpp-python on the very file the agent serves, 2 threads, same prompts, greedy, same
-   repeat penalty; the raw side is its own long-lived process with the model resident (as the
-   agent's is). Target ratio >= 0.97.
+   llama-cpp-python on the very file the agent serves, 2 threads, same prompts, greedy, the
+   default repeat penalty (agent/sampling.py); the raw side is its own long-lived process with
+   the model resident (as the agent's is). Target ratio >= 0.97.
 2. TTFT over MQTT (host publish -> first chunk arrival) minus raw TTFT (call -> first token).
    Target <= 10 ms.
 3. ``status`` round trip (RequestClient.call) vs a bare paho v2 request/response (echo responder
@@ -13,9 +13,12 @@
    next to a bare paho "agent" (paho + psutil + cryptography imported, connect, publish online).
 
 Runs alternate between our side and the baseline; medians are reported. Everything listens on
-127.0.0.1; every wait is bounded; all processes and temp dirs are cleaned up.
+127.0.0.1 (mosquitto started by ``fleet.broker.Broker``); every wait is bounded; all processes and
+temp dirs are cleaned up. The agent serves the sample's Q4_K_M bundle, built, signed and installed
+as in bench/_sample.py.
 
-Usage: .venv/bin/python bench/bench_mqtt.py [--runs 7] [--calls 500] [--starts 5]
+Usage: .venv/bin/python bench/bench_mqtt.py [--runs 7] [--tokens 128] [--calls 500] [--starts 5]
+       [--smoke]
 """
 
 from __future__ import annotations
@@ -38,16 +41,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT / "tests"))
-from bench_install import make_bundle  # noqa: E402
-from machine import median, write  # noqa: E402
+from _sample import install, sample_bundle
+from machine import median, parse
 
+from agent.sampling import DEFAULTS
+
+ROOT = Path(__file__).resolve().parent.parent
+AGENT = Path(sys.executable).parent / "edgepack-agent"
 THREADS = 2
-MAX_TOKENS = 128
-REPEAT_PENALTY = 1.15
+REPEAT_PENALTY = DEFAULTS.repeat_penalty
 FLEET = "bench"
+WARMUP_CALLS = 20  # round trips per side before timing
 BASE_PROMPT = ("Write a short story about a lighthouse keeper who finds a message in a bottle. "
                "Once upon a time")
 # A different opening word per run: the prompt-prefix cache of llama-cpp-python (on both sides)
@@ -178,6 +182,65 @@ def end(proc: subprocess.Popen[Any] | None) -> None:
         proc.wait(10)
 
 
+# --- the two ends: agent processes and the host session -----------------------------------------
+
+
+def start_agent(state: Path, ring: Path, broker_url: str, device: str, *extra: str) -> subprocess.Popen[bytes]:
+    """``edgepack-agent run`` as its own process (stopped with :func:`end`), logging next to its
+    state folder."""
+    log = state.parent / f"{device}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        return subprocess.Popen([str(AGENT), "-v", "--state-dir", str(state), "--keyring", str(ring), "run",
+                                 "--broker", broker_url, "--device", device, "--fleet", FLEET, *extra],
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
+class HostClient:
+    """The host's one MQTT session: when each device's retained ``state`` arrived, its health
+    messages, and commands out through ``requests``."""
+
+    def __init__(self, broker_url: str) -> None:
+        from agent.protocol import fleet_filter
+        from agent.transport.mqtt import MqttTransport
+        from agent.transport.request import RequestClient
+
+        self.seen: dict[tuple[str, str], float] = {}
+        self.health: dict[str, list[dict[str, Any]]] = {}
+        self.cond = threading.Condition()
+        self.t = MqttTransport(broker_url, f"host-{secrets.token_hex(4)}", session_expiry=0)
+        self.t.subscribe(fleet_filter(FLEET, "state"), handler=self._on_state)
+        self.t.subscribe(fleet_filter(FLEET, "health"), handler=self._on_health)
+        self.requests = RequestClient(self.t, FLEET)
+        self.t.start()
+        self.t.wait_connected(10)
+        time.sleep(0.3)  # SUBACKs in
+
+    def _on_state(self, msg: Any) -> None:
+        now = time.perf_counter()
+        if not msg.payload:
+            return
+        state = json.loads(msg.payload).get("state")
+        with self.cond:
+            self.seen.setdefault((msg.topic.split("/")[3], state), now)
+            self.cond.notify_all()
+
+    def _on_health(self, msg: Any) -> None:
+        if not msg.payload:
+            return
+        with self.cond:
+            self.health.setdefault(msg.topic.split("/")[3], []).append(json.loads(msg.payload))
+            self.cond.notify_all()
+
+    def wait(self, pred: Any, timeout: float) -> None:
+        with self.cond:
+            if not self.cond.wait_for(pred, timeout):
+                raise TimeoutError("condition not met in time")
+
+    def close(self) -> None:
+        self.t.stop()
+
+
 # --- 1 + 2: streamed inference --------------------------------------------------------------------
 
 
@@ -240,7 +303,7 @@ class BareRequester:
         self.subscribed = threading.Event()
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bare-req-{secrets.token_hex(4)}",
                         protocol=MQTTProtocolVersion.MQTTv5)
-        c.on_socket_open = lambda cl, u, s: s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c.on_socket_open = self._on_socket_open
         c.on_connect = lambda cl, u, f, rc, p: cl.subscribe(self.reply_topic, qos=1)
         c.on_subscribe = lambda cl, u, mid, rcs, p: self.subscribed.set()
         c.on_message = self._on_message
@@ -249,6 +312,9 @@ class BareRequester:
         self.client = c
         if not self.subscribed.wait(10):
             raise TimeoutError("bare requester did not subscribe")
+
+    def _on_socket_open(self, client: Any, userdata: Any, sock: Any) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _on_message(self, client: Any, userdata: Any, m: Any) -> None:
         if bytes(getattr(m.properties, "CorrelationData", b"")) == self.want:
@@ -273,48 +339,6 @@ class BareRequester:
 
 
 # --- 4: footprint and start-up -------------------------------------------------------------------
-
-
-class StateWatch:
-    """Host subscriber on the fleet's retained ``state`` topics: arrival time of each state."""
-
-    def __init__(self, broker_url: str) -> None:
-        from agent.protocol import fleet_filter
-        from agent.transport.mqtt import MqttTransport
-
-        self.seen: dict[tuple[str, str], float] = {}
-        self.health: dict[str, list[dict[str, Any]]] = {}
-        self.cond = threading.Condition()
-        self.t = MqttTransport(broker_url, f"watch-{secrets.token_hex(4)}", session_expiry=0)
-        self.t.subscribe(fleet_filter(FLEET, "state"), handler=self._on_state)
-        self.t.subscribe(fleet_filter(FLEET, "health"), handler=self._on_health)
-        self.t.start()
-        self.t.wait_connected(10)
-        time.sleep(0.3)  # SUBACKs in
-
-    def _on_state(self, msg: Any) -> None:
-        now = time.perf_counter()
-        if not msg.payload:
-            return
-        state = json.loads(msg.payload).get("state")
-        with self.cond:
-            self.seen.setdefault((msg.topic.split("/")[3], state), now)
-            self.cond.notify_all()
-
-    def _on_health(self, msg: Any) -> None:
-        if not msg.payload:
-            return
-        with self.cond:
-            self.health.setdefault(msg.topic.split("/")[3], []).append(json.loads(msg.payload))
-            self.cond.notify_all()
-
-    def wait(self, pred: Any, timeout: float) -> None:
-        with self.cond:
-            if not self.cond.wait_for(pred, timeout):
-                raise TimeoutError("condition not met in time")
-
-    def close(self) -> None:
-        self.t.stop()
 
 
 def mem_of(pid: int) -> tuple[float, float]:
@@ -366,83 +390,81 @@ def python_startup_ms(n: int = 5) -> float:
 # --- main ----------------------------------------------------------------------------------------
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--runs", type=int, default=7, help="inference runs per side")
+    ap.add_argument("--tokens", type=int, default=128, help="max tokens per inference run")
     ap.add_argument("--calls", type=int, default=500, help="round trips per side")
     ap.add_argument("--starts", type=int, default=5, help="cold starts per side")
-    args = ap.parse_args()
+    args, results = parse(ap, argv, smoke={"runs": 1, "tokens": 8, "calls": 10, "starts": 1})
     runs = max(1, min(args.runs, len(OPENERS) - 1))
 
-    from agentkit import AgentProcess, Host
-    from brokerkit import HOST, Broker
-
-    from agent.bundle import Keyring
     from agent.protocol import StatusRequest, Topics
-    from agent.store import Store
+    from fleet.broker import HOST, Broker
 
     os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
     work = Path(tempfile.mkdtemp(prefix="edgepack-bench-mqtt-"))
     broker: Broker | None = None
-    agent: AgentProcess | None = None
-    host: Host | None = None
-    raw: RawServer | None = None
-    responder: subprocess.Popen[str] | None = None
+    host: HostClient | None = None
     bare: BareRequester | None = None
-    watch: StateWatch | None = None
-    others: list[Any] = []
+    children: list[subprocess.Popen[Any]] = []  # every process started here; all ended at the end
     try:
-        bundle, ring = make_bundle(work)
+        bundle = sample_bundle(work)
+        ring = bundle.keyring
         state = work / "agent" / "state"
-        installed = Store(state, Keyring.from_bytes(ring.read_bytes())).install(bundle).bundle
+        installed = install(bundle, state)
         model = installed.entrypoint  # state/slots/<digest>/payload/model.gguf: what the agent loads
         n_ctx = int(installed.manifest.generation.get("context", 2048))
         broker = Broker(work / "broker").start()
         port = broker.port
+        host = HostClient(broker.url)
+        requests, seen, health = host.requests, host.seen, host.health
 
         # --- 1 + 2 ----------------------------------------------------------------------------
         print("inference: starting agent and raw server", flush=True)
-        agent = AgentProcess(state, ring, broker.url, device="dev-infer", fleet=FLEET,
-                             extra=("--threads", str(THREADS), "--health-interval", "10")).start()
-        host = Host(broker.url, FLEET)
-        host.wait_for("dev-infer", "state", lambda m: m["state"] == "online", timeout=30)
+        agent = start_agent(state, ring, broker.url, "dev-infer",
+                            "--threads", str(THREADS), "--health-interval", "10")
+        children.append(agent)
+        host.wait(lambda: ("dev-infer", "online") in seen, 30)
         raw = RawServer(model, n_ctx)
+        children.append(raw.proc)
         # Warm-up: the agent loads its model lazily on the first request; both warm their caches.
-        run_ours(host.requests, "dev-infer", f"{OPENERS[-1]}: {BASE_PROMPT}", 16)
+        run_ours(requests, "dev-infer", f"{OPENERS[-1]}: {BASE_PROMPT}", 16)
         raw.run(f"{OPENERS[-1]}: {BASE_PROMPT}", 16)
         import psutil
 
         # CPU time per process over each run: where the cycles of a streamed generation go.
-        procs = {"agent": psutil.Process(agent.proc.pid), "raw": psutil.Process(raw.proc.pid),
+        assert broker.proc is not None  # started above
+        procs = {"agent": psutil.Process(agent.pid), "raw": psutil.Process(raw.proc.pid),
                  "broker": psutil.Process(broker.proc.pid), "host": psutil.Process()}
         ours_inf: list[dict[str, Any]] = []
         raw_inf: list[dict[str, Any]] = []
         for i in range(runs):
             prompt = f"{OPENERS[i]}: {BASE_PROMPT}"
-            pair = [("raw", raw.run), ("ours", lambda p, n: run_ours(host.requests, "dev-infer", p, n))]
+            pair = [("raw", raw.run), ("ours", lambda p, n: run_ours(requests, "dev-infer", p, n))]
             if i % 2:
                 pair.reverse()
             for side, fn in pair:
                 before = {k: cpu_s(q) for k, q in procs.items()}
-                r = fn(prompt, MAX_TOKENS)
+                r = fn(prompt, args.tokens)
                 r["cpu_ms"] = {k: (cpu_s(q) - before[k]) * 1000 for k, q in procs.items()}
                 (raw_inf if side == "raw" else ours_inf).append(r)
                 print(f"  run {i} {side}: {r['decode_tok_s']:.1f} tok/s, TTFT {r['ttft_ms']:.1f} ms, "
                       f"{r['chunks']} chunks", flush=True)
         same_text = sum(o["text"] == r["text"] for o, r in zip(ours_inf, raw_inf, strict=True))
         end(raw.proc)
-        raw = None
 
         # --- 3 ----------------------------------------------------------------------------------
         print("round trips", flush=True)
         bare_topic = f"bare/{secrets.token_hex(4)}/cmd"
         responder = subprocess.Popen([sys.executable, "-c", RESPONDER, HOST, str(port), bare_topic],
                                      stdout=subprocess.PIPE, text=True)
+        children.append(responder)
         read_line(responder, 15)
         bare = BareRequester(HOST, port, bare_topic)
         status_payload = StatusRequest()
-        for _ in range(20):  # warm-up
-            host.requests.call("dev-infer", "status", status_payload, timeout=10)
+        for _ in range(min(WARMUP_CALLS, args.calls)):
+            requests.call("dev-infer", "status", status_payload, timeout=10)
             bare.call()
         ours_rtt: list[float] = []
         bare_rtt: list[float] = []
@@ -454,7 +476,7 @@ def main() -> None:
                 for _ in range(n):
                     t0 = time.perf_counter()
                     if side == "ours":
-                        rep = host.requests.call("dev-infer", "status", status_payload, timeout=10)
+                        rep = requests.call("dev-infer", "status", status_payload, timeout=10)
                         if not rep.ok:
                             raise RuntimeError(f"status failed: {rep.error}")
                         ours_rtt.append((time.perf_counter() - t0) * 1000)
@@ -464,15 +486,10 @@ def main() -> None:
         bare.close()
         bare = None
         end(responder)
-        responder = None
-        host.close()
-        host = None
-        agent.stop()
-        agent = None
+        end(agent)
 
         # --- 4 ----------------------------------------------------------------------------------
         print("idle footprint and start-up", flush=True)
-        watch = StateWatch(broker.url)
         starts: list[dict[str, Any]] = []
         bare_starts: list[dict[str, Any]] = []
         for i in range(args.starts):
@@ -481,26 +498,21 @@ def main() -> None:
                 if side == "ours":
                     d = work / f"idle{i}"
                     d.mkdir()
-                    a = AgentProcess(d / "state", ring, broker.url, device=dev, fleet=FLEET,
-                                     extra=("--health-interval", "1"))
-                    others.append(a)
                     t0 = time.perf_counter()
-                    a.start()
-                    assert a.proc is not None
-                    proc = a.proc
+                    proc = start_agent(d / "state", ring, broker.url, dev, "--health-interval", "1")
                 else:
                     t0 = time.perf_counter()
                     proc = subprocess.Popen([sys.executable, "-c", BARE_AGENT, HOST, str(port),
                                              Topics(FLEET, dev).state])
-                    others.append(proc)
-                watch.wait(lambda dev=dev: (dev, "online") in watch.seen, 30)
-                online_s = watch.seen[(dev, "online")] - t0
+                children.append(proc)
+                host.wait(lambda dev=dev: (dev, "online") in seen, 30)
+                online_s = seen[(dev, "online")] - t0
                 row: dict[str, Any] = {"device": dev, "start_to_online_s": online_s}
                 if side == "ours":
-                    watch.wait(lambda dev=dev: len(watch.health.get(dev, [])) >= 3, 30)
+                    host.wait(lambda dev=dev: len(health.get(dev, [])) >= 3, 30)
                     row["rss_mb_psutil"], row["uss_mb_psutil"] = mem_of(proc.pid)
-                    row["rss_mb_health"] = watch.health[dev][-1]["rss_bytes"] / 2**20
-                    a.stop()
+                    row["rss_mb_health"] = health[dev][-1]["rss_bytes"] / 2**20
+                    end(proc)
                     starts.append(row)
                 else:
                     time.sleep(1.5)  # as idle as the agent's sample
@@ -509,8 +521,8 @@ def main() -> None:
                     bare_starts.append(row)
                 print(f"  {dev}: online after {online_s * 1000:.0f} ms, "
                       f"RSS {row['rss_mb_psutil']:.1f} MB", flush=True)
-        watch.close()
-        watch = None
+        host.close()
+        host = None
 
         imp_total, imp_top = import_profile(
             "import agent.cli, agent.daemon, agent.probe, agent.profiles, psutil")
@@ -555,7 +567,7 @@ def main() -> None:
             r.pop("text", None)
         result = {
             "benchmark": "mqtt_agent_vs_raw",
-            "model": "gemma-3-270m Q4_K_M (sample)", "threads": THREADS, "max_tokens": MAX_TOKENS,
+            "model": "gemma-3-270m Q4_K_M (sample)", "threads": THREADS, "max_tokens": args.tokens,
             "repeat_penalty": REPEAT_PENALTY, "runs": runs, "n_ctx": n_ctx,
             "inference": {"ours": ours_inf, "raw": raw_inf,
                           "ours_decode_tok_s_median": o_tps, "raw_decode_tok_s_median": r_tps,
@@ -603,7 +615,7 @@ def main() -> None:
             f"+{(up - bare_up) * 1000:.0f} ms | <= 0.5 s | {ok(targets['start_to_online_le_0.5s'])} |",
             "",
             f"Inference: the same installed file (`state/slots/*/payload/model.gguf`), {THREADS} threads, "
-            f"n_ctx {n_ctx}, greedy, repeat_penalty {REPEAT_PENALTY}, {MAX_TOKENS} max tokens, {runs} "
+            f"n_ctx {n_ctx}, greedy, repeat_penalty {REPEAT_PENALTY}, {args.tokens} max tokens, {runs} "
             "alternating runs (one prompt per run, the same on both sides, each opening with a different "
             "word so the prompt-prefix cache never skips the prompt). Both models stay resident in their "
             "own processes and never generate at the same time. tok/s = (tokens - 1) / (last - first "
@@ -667,28 +679,20 @@ def main() -> None:
             "profile parsing) back to the OS with glibc's malloc_trim once online.",
         ]
         text = "\n".join(md) + "\n"
-        write("mqtt", result, text)
+        results.write("mqtt", result, text)
         print(text)
     finally:
-        for closer in (bare, watch, host):
+        for closer in (bare, host):
             if closer is not None:
                 with contextlib.suppress(Exception):
                     closer.close()
-        if raw is not None:
-            end(raw.proc)
-        end(responder)
-        for o in [agent, *others]:
-            if o is None:
-                continue
-            with contextlib.suppress(Exception):
-                if isinstance(o, subprocess.Popen):
-                    end(o)
-                else:
-                    o.stop()
+        for child in children:
+            end(child)
         if broker is not None:
             broker.stop()
         shutil.rmtree(work, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
