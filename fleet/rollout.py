@@ -26,11 +26,13 @@ waves of cumulative sizes (``1,10%,50%,100%``). Per target::
 
 A wave is done when every target in it is terminal. Wave n+1 starts only when wave n is done,
 within the failure threshold and the regression limits, and (``soak``) its committed devices
-stayed online on the new bundle that long. Thresholds are checked as results arrive (once
-``min_executed`` targets of the wave finished) and again, unconditionally, when the wave is done:
+stayed online on the new bundle that long. Thresholds are checked as results arrive and again,
+unconditionally, when the wave is done:
 
 - failures (failed, rolled_back, timed_out; offline only with ``offline_is_failure``) over
-  ``max_failures`` (a count, or a percentage of the wave's finished targets);
+  ``max_failures`` (a count, or a percentage of the wave's finished targets when it is done;
+  mid-wave it stops as soon as the failures already exceed that share of the whole wave, so the
+  noise of the first few results does not stop a good rollout);
 - the median speed regression of the wave's committed devices over ``max_regression``: each
   device's gate figures on the new bundle against its own figures on its previous bundle (the gate
   report its birth carried at dispatch) or, for a device with none (a first install), the
@@ -558,20 +560,26 @@ class Rollout:
     def _verdict(self, wave: int, *, final: bool) -> str | None:
         """Why the wave must stop the rollout, or None.
 
-        Failures are counted from the indexes on every call; the medians need the figures, so
-        mid-wave they are taken at ``min_executed`` committed devices and then at each doubling
-        (O(n log n) over a wave), and always when the wave is done.
+        Failures, from the indexes on every call: mid-wave the rollout stops as soon as the wave
+        cannot end within the threshold any more (a percentage of the whole wave is already
+        failed), not on the noisy rate of the first few results; when the wave is done, the rate
+        over its finished devices decides. The medians need the figures, so mid-wave they are
+        taken at ``min_executed`` committed devices and then at each doubling (O(n log n) over a
+        wave), and always when the wave is done.
         """
         failing = (FAILED, ROLLED_BACK, TIMED_OUT, OFFLINE) if self.spec.offline_is_failure \
             else (FAILED, ROLLED_BACK, TIMED_OUT)
         n_fail = self._count(wave, *failing)
         n_counted = self._count(wave, COMMITTED, *failing)
-        enough = final or n_counted >= self.spec.min_executed
+        # Mid-wave the denominator is every device of the wave that can still count.
+        n_base = n_counted if final else self._wave_size(wave) - (
+            0 if self.spec.offline_is_failure else self._count(wave, OFFLINE))
         th = self.spec.max_failures
-        if n_fail and (th.count is not None or enough) and th.exceeded(n_fail, n_counted):
+        if n_fail and th.exceeded(n_fail, n_base):
             codes = sorted({t.code or t.state for t in self._wave_targets(wave) if t.state in failing})
-            return (f"wave {wave + 1}: {n_fail} of {n_counted} finished device(s) failed "
-                    f"(threshold {th}; {', '.join(codes)})")
+            of = f"{n_counted} finished device(s)" if final else \
+                f"the wave's {n_base} device(s) ({n_counted} finished so far)"
+            return f"wave {wave + 1}: {n_fail} of {of} failed (threshold {th}; {', '.join(codes)})"
         n_committed = self._count(wave, COMMITTED)
         if not final:
             due = self._next_check.setdefault(wave, self.spec.min_executed)

@@ -211,7 +211,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     s.add_argument("--max-failures", default="5%",
                    help="abort when a wave's failures exceed N or N%% (default 5%%)")
     s.add_argument("--min-executed", type=int, default=10,
-                   help="finished devices in a wave before a %% threshold applies mid-wave (default 10)")
+                   help="committed devices in a wave before its median regressions are judged "
+                        "mid-wave (default 10; always judged when the wave is done)")
     s.add_argument("--max-regression", default="decode=10%,ttft=25%,rss=20%",
                    help="abort when a wave's median regression exceeds these (off disables one)")
     s.add_argument("--min-agreement", type=float,

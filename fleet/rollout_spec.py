@@ -191,7 +191,7 @@ class RolloutSpec:
     device_timeout: float = 900.0  # seconds for one install, and for an offline device to return
     retries: int = 2  # extra attempts after a timeout or a retryable failure
     max_failures: FailureThreshold = field(default_factory=lambda: FailureThreshold(percent=5.0))
-    min_executed: int = 10  # finished targets in a wave before a percentage applies mid-wave
+    min_executed: int = 10  # committed devices in a wave before its medians are judged mid-wave
     max_regression: RegressionLimits = field(default_factory=RegressionLimits)
     min_agreement: float | None = None  # median fidelity agreement a wave must keep
     rollback_on_abort: bool = False
