@@ -73,21 +73,6 @@ class ModelInfo:
         return d
 
 
-def resolve_model(spec: str, *, cache_dir: Path) -> ModelInfo:
-    """What ``--model`` names: ``sample`` (the Gemma 3 270M HF checkpoint, made once and cached),
-    ``sample-gguf`` (its Q4_K_M GGUF), or anything :func:`resolve_source` reads.
-
-    Raises:
-        ModelSourceError: as :func:`resolve_source`; PackagingError: the sample cannot be made.
-    """
-    if spec in ("sample", "sample-gguf"):
-        from packager.sample import ensure_sample
-
-        s = ensure_sample(cache_dir)
-        return resolve_source(str(s.hf_dir if spec == "sample" else s.gguf), cache_dir=cache_dir)
-    return resolve_source(spec, cache_dir=cache_dir)
-
-
 def resolve_source(spec: str, *, cache_dir: Path) -> ModelInfo:
     """Read a model source: a local HF folder, a local ``.gguf`` file, or a Hugging Face id.
 

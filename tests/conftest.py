@@ -66,7 +66,10 @@ def sample_model():
 
 
 # Real mosquitto brokers on loopback (tests/brokerkit.py), started and stopped per test.
-from brokerfixtures import broker, secure_broker  # noqa: E402, F401
+from brokerfixtures import broker, secure_broker, subscribe_acl_broker  # noqa: E402, F401
+
+# The tiny random-weight Phi-3 (packager/tiny.py) and its signed bundles: fast real paths.
+from tinymodel import tiny_bundles, tiny_phi3, tiny_phi3_eos_first  # noqa: E402, F401
 
 AGENT_PROFILE = {
     "name": "x86-64-int4-test", "description": "test: this host, IoT precision", "class": "iot",
