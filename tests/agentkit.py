@@ -59,6 +59,18 @@ class AgentProcess:
                 self.proc.wait(timeout=10)
         return self.proc.returncode if self.proc else 0
 
+    def wait_log(self, text: str, count: int = 1, timeout: float = 30.0) -> None:
+        """Wait (bounded) until the agent's log holds ``text`` at least ``count`` times."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if self.log.read_text(errors="replace").count(text) >= count:
+                    return
+            if not self.alive():
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} x{count} not in the agent log within {timeout}s:\n{self.tail()}")
+
     def tail(self, n: int = 40) -> str:
         with contextlib.suppress(OSError):
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])

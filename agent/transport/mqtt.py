@@ -14,7 +14,10 @@ Connection policy, and why:
 - ``TCP_NODELAY`` on every socket (``on_socket_open``): without it a QoS 1 round trip costs
   44–88 ms of Nagle/delayed-ACK stalls; with it ~0.5 ms.
 - Subscriptions are remembered and sent again on every connect (idempotent; retained messages
-  are not replayed), so a lost or older session never leaves one missing.
+  are not replayed), so a lost or older session never leaves one missing. A subscription is in
+  effect once the broker's SUBACK granted it: :meth:`MqttTransport.subscribe` waits for that when
+  connected, and :meth:`MqttTransport.wait_connected` returns only after the SUBACKs of the
+  subscriptions sent on connect; a refusal (e.g. the ACL) is a TransportError, not a silence.
 - User callbacks run on paho's network thread; an exception in one is logged, never allowed to
   kill that thread (paho would stop the loop).
 """
@@ -45,6 +48,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SESSION_EXPIRY = 86_400  # seconds: queued commands survive a day offline
 DEFAULT_KEEPALIVE = 30  # seconds; the broker declares us lost after 1.5x this
+DEFAULT_SUBSCRIBE_TIMEOUT = 10.0  # seconds subscribe() waits for the broker's SUBACK
 # CONNACK reasons that retrying with the same settings cannot fix; wait_connected fails at once.
 _REFUSALS = {0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C}
 
@@ -126,6 +130,9 @@ class MqttTransport:
         reconnect_min_delay, reconnect_max_delay: backoff bounds in seconds.
         on_message: default handler for messages no per-subscription handler claimed.
         on_connect: called with ``session_present`` after each successful connect.
+        replay_retained: ask for the retained messages on every (re)subscribe, even when the
+            persistent session still holds the subscription (a host that rebuilds its view of
+            the fleet from them after a restart).
         on_disconnect: called with a reason string after each loss of connection.
 
     Raises:
@@ -150,8 +157,10 @@ class MqttTransport:
         on_message: MessageHandler | None = None,
         on_connect: Callable[[bool], None] | None = None,
         on_disconnect: Callable[[str], None] | None = None,
+        replay_retained: bool = False,
     ) -> None:
         self._host, self._port, tls = _parse_url(broker_url)
+        self._replay_retained = replay_retained
         self.client_id = client_id
         self._keepalive = keepalive
         self._session_expiry = session_expiry
@@ -166,13 +175,17 @@ class MqttTransport:
         self._subs_lock = threading.Lock()
         self._subs: dict[str, tuple[int, MessageHandler | None]] = {}
         self._ack_lock = threading.Lock()
-        self._acks: dict[int, _Ack] = {}
+        self._acks: dict[int, _Ack] = {}  # PUBACK and SUBACK waiters by packet id
         self._early: dict[int, str] = {}  # acks that beat their waiter's registration
         self._awaiting = 0
         self._connected = threading.Event()
+        # _state_changed guards the connection state below and wakes wait_connected.
         self._state_changed = threading.Condition()
         self._last_error = ""
         self._refused = False
+        self._resubscribing = False  # between CONNACK and the last SUBSCRIBE sent on connect
+        self._sub_pending: dict[int, str] = {}  # packet id -> filter, sent on connect, not yet acked
+        self._sub_refused: list[str] = []  # filters of this connection the broker refused, with why
         self._stopping = threading.Event()
         self._started = False
         self._backoff = reconnect_min_delay
@@ -199,6 +212,7 @@ class MqttTransport:
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
         c.on_socket_open = self._on_socket_open
         self._client = c
 
@@ -241,7 +255,8 @@ class MqttTransport:
 
     @property
     def connected(self) -> bool:
-        """True while a CONNACK-accepted connection is up."""
+        """True while a CONNACK-accepted connection is up (its subscriptions may still be in
+        flight; :meth:`wait_connected` waits for them)."""
         return self._connected.is_set()
 
     @property
@@ -250,25 +265,42 @@ class MqttTransport:
         return self._last_error
 
     def wait_connected(self, timeout: float) -> None:
-        """Block until connected.
+        """Block until connected and the broker has acknowledged the subscriptions sent on that
+        connect (every filter :meth:`subscribe` recorded before it): once this returns, messages
+        matching them are delivered.
 
         Args:
             timeout: seconds to wait.
 
         Raises:
             TransportError: the broker refused us (bad credentials, not authorized) — at once —
-                or no connection within ``timeout``, with the last error seen.
+                or refused one of the subscriptions (the connection stays up; the filter stays
+                recorded and is sent again on reconnect), or no connection and SUBACKs within
+                ``timeout``, with the last error seen.
         """
         with self._state_changed:
-            ok = self._state_changed.wait_for(lambda: self._connected.is_set() or self._refused,
-                                              timeout)
-            if self._connected.is_set():
-                return
+            ok = self._state_changed.wait_for(lambda: self._subscribed() or self._refused, timeout)
+            subscribed, connected = self._subscribed(), self._connected.is_set()
+            refused_subs = list(self._sub_refused)
+            unacked = sorted(self._sub_pending.values())
             why = self._last_error or "no answer from broker"
+        where = f"{self._host}:{self._port}"
+        if subscribed and not refused_subs:
+            return
+        if subscribed:
+            raise TransportError(f"broker {where} refused subscription {'; '.join(refused_subs)}",
+                                 hint="Check the broker ACL for this user name.")
         if ok:
-            raise TransportError(f"broker {self._host}:{self._port} refused the connection: {why}",
+            raise TransportError(f"broker {where} refused the connection: {why}",
                                  hint="Check the device's user name, password and broker ACL.")
-        raise TransportError(f"not connected to {self._host}:{self._port} within {timeout:.1f}s: {why}")
+        if connected:
+            raise TransportError(f"connected to {where}, but no SUBACK for {', '.join(unacked)} "
+                                 f"within {timeout:.1f}s")
+        raise TransportError(f"not connected to {where} within {timeout:.1f}s: {why}")
+
+    def _subscribed(self) -> bool:
+        # Called with _state_changed held.
+        return self._connected.is_set() and not self._resubscribing and not self._sub_pending
 
     # --- publish / subscribe -------------------------------------------------------------------
 
@@ -347,23 +379,67 @@ class MqttTransport:
         if ack.reason:
             raise TransportError(f"broker refused message to {topic!r}: {ack.reason}")
 
-    def subscribe(self, topic_filter: str, qos: int = 1, handler: MessageHandler | None = None) -> None:
+    def subscribe(self, topic_filter: str, qos: int = 1, handler: MessageHandler | None = None, *,
+                  timeout: float | None = DEFAULT_SUBSCRIBE_TIMEOUT) -> None:
         """Subscribe now if connected, and again on every reconnect.
+
+        When connected, waits for the broker's SUBACK: on return the subscription is in effect.
+        When not connected, the filter is only recorded; it is sent on connect and
+        :meth:`wait_connected` waits for its SUBACK. Inside a message handler (or ``on_connect``)
+        it does not wait, as the SUBACK arrives on the thread running the handler; a refusal is
+        then logged.
 
         Args:
             topic_filter: an MQTT filter (``+``/``#``; ``$share/<group>/...`` for shared ones).
             qos: maximum QoS.
             handler: gets the messages matching this filter; None = the default ``on_message``.
+            timeout: seconds to wait for the SUBACK; None = send without waiting.
 
         Raises:
-            TransportError: an invalid filter or QoS.
+            TransportError: an invalid filter or QoS; the broker refused the subscription (e.g.
+                ACL; it is then forgotten); or no SUBACK within ``timeout`` (it stays recorded and
+                is sent again on reconnect).
         """
         if qos not in (0, 1, 2) or not topic_filter:
             raise TransportError(f"bad subscription {topic_filter!r} qos={qos}")
+        entry = (qos, handler)
         with self._subs_lock:
-            self._subs[topic_filter] = (qos, handler)
-        if self._connected.is_set():
+            self._subs[topic_filter] = entry
+        if not self._connected.is_set():
+            return
+        if timeout is None or getattr(self._in_callback, "active", False):
             self._send_subscribe(topic_filter, qos)
+            return
+        ack = _Ack()
+        with self._ack_lock:
+            self._awaiting += 1
+        try:
+            mid = self._send_subscribe(topic_filter, qos)
+            if mid is not None:
+                with self._ack_lock:
+                    # The SUBACK may already have been handled on the network thread.
+                    if mid in self._early:
+                        ack.reason = self._early.pop(mid)
+                        ack.done.set()
+                    else:
+                        self._acks[mid] = ack
+        finally:
+            with self._ack_lock:
+                self._awaiting -= 1
+                if not self._awaiting:
+                    self._early.clear()
+        if mid is None:
+            return  # the connection dropped just now: sent again on connect (see wait_connected)
+        if not ack.done.wait(timeout):
+            self._drop_ack(mid)
+            raise TransportError(f"no SUBACK for {topic_filter!r} within {timeout:.1f}s")
+        if ack.reason:
+            # The caller learns it failed, so it must not come into effect on a later reconnect.
+            with self._subs_lock:
+                if self._subs.get(topic_filter) == entry:
+                    del self._subs[topic_filter]
+            raise TransportError(f"broker refused subscription to {topic_filter!r}: {ack.reason}",
+                                 hint="Check the broker ACL for this user name.")
 
     def unsubscribe(self, topic_filter: str) -> None:
         """Forget a subscription and tell the broker if connected."""
@@ -375,16 +451,23 @@ class MqttTransport:
             except ValueError as e:
                 raise TransportError(f"cannot unsubscribe {topic_filter!r}: {e}") from e
 
-    def _send_subscribe(self, topic_filter: str, qos: int) -> None:
+    def _send_subscribe(self, topic_filter: str, qos: int) -> int | None:
+        # The SUBSCRIBE's packet id, or None when the connection is gone (sent again on connect).
         # retainHandling=1: retained messages only for a new subscription, so a resubscribe after
-        # reconnect does not replay every retained state/birth.
-        opts = SubscribeOptions(qos=qos, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
+        # reconnect does not replay every retained state/birth. A host whose persistent session
+        # outlives its memory (the rollout controller after a restart) asks for them every time.
+        handling = SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE if self._replay_retained \
+            else SubscribeOptions.RETAIN_SEND_IF_NEW_SUB
+        opts = SubscribeOptions(qos=qos, retainHandling=handling)
         try:
-            rc, _ = self._client.subscribe(topic_filter, options=opts)
+            rc, mid = self._client.subscribe(topic_filter, options=opts)
         except ValueError as e:
             raise TransportError(f"cannot subscribe to {topic_filter!r}: {e}") from e
-        if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+        if rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            return None
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise TransportError(f"cannot subscribe to {topic_filter!r}: {paho.error_string(rc)}")
+        return mid
 
     def _drop_ack(self, mid: int) -> None:
         with self._ack_lock:
@@ -408,21 +491,36 @@ class MqttTransport:
             log.warning("broker refused connection: %s", self._last_error)
             return
         session_present = bool(getattr(flags, "session_present", False))
-        with self._subs_lock:
-            subs = list(self._subs.items())
-        # Subscribe again even when the session survived: a filter added since that session was
-        # made (e.g. by a newer agent) would otherwise be missing. Re-subscribing is idempotent,
-        # and retainHandling=1 keeps retained messages from being replayed.
-        for f, (qos, _) in subs:
-            try:
-                self._send_subscribe(f, qos)
-            except TransportError as e:
-                log.error("%s", e)
+        # (1) Mark connected before reading the subscriptions: a subscribe() racing with this
+        # connect then either is in the list below or sends its own SUBSCRIBE (twice is harmless).
+        # wait_connected keeps waiting while _resubscribing and until every SUBACK is in.
         with self._state_changed:
             self._backoff = self._min_delay
             self._last_error = ""
             self._refused = False
+            self._resubscribing = True
+            self._sub_pending = {}
+            self._sub_refused = []
             self._connected.set()
+        with self._subs_lock:
+            subs = list(self._subs.items())
+        # (2) Subscribe again even when the session survived: a filter added since that session
+        # was made (e.g. by a newer agent) would otherwise be missing. Re-subscribing is
+        # idempotent, and retainHandling=1 keeps retained messages from being replayed.
+        sent: dict[int, str] = {}
+        for f, (qos, _) in subs:
+            try:
+                mid = self._send_subscribe(f, qos)
+            except TransportError as e:
+                log.error("%s", e)
+                continue
+            if mid is not None:
+                sent[mid] = f
+        # (3) Their SUBACKs are read by this (the network) thread after this callback returns,
+        # so registering them now cannot miss one; _on_subscribe settles them.
+        with self._state_changed:
+            self._sub_pending.update(sent)
+            self._resubscribing = False
             self._state_changed.notify_all()
         log.info("connected to %s:%d (session present: %s)", self._host, self._port, session_present)
         self._call(self.on_connect, session_present)
@@ -441,6 +539,7 @@ class MqttTransport:
         was_connected = self._connected.is_set()
         with self._state_changed:
             self._connected.clear()
+            self._sub_pending.clear()  # those SUBACKs will not come; the next connect resends
             if reason.is_failure and not self._refused:
                 self._last_error = f"disconnected: {reason}"
             self._state_changed.notify_all()
@@ -471,6 +570,29 @@ class MqttTransport:
             ack.done.set()
         elif reason.is_failure:
             log.warning("broker refused message %d: %s", mid, reason)
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int,
+                      reason_codes: list[ReasonCode], properties: Any) -> None:
+        failed = [r for r in reason_codes if r.is_failure]
+        why = f"{failed[0]} (reason code {failed[0].value:#04x})" if failed else ""
+        stashed = False
+        with self._ack_lock:
+            ack = self._acks.pop(mid, None)
+            if ack is None and self._awaiting:
+                self._early[mid] = why  # maybe a subscribe() about to register; else dropped
+                stashed = True
+        if ack is not None:
+            ack.reason = why
+            ack.done.set()
+            return
+        # A subscription sent on connect (wait_connected waits for these), or one nobody waits for.
+        with self._state_changed:
+            topic_filter = self._sub_pending.pop(mid, None)
+            if topic_filter is not None and why:
+                self._sub_refused.append(f"{topic_filter!r}: {why}")
+            self._state_changed.notify_all()
+        if why and (topic_filter is not None or not stashed):
+            log.error("broker refused subscription %s: %s", topic_filter or f"(packet {mid})", why)
 
     def _on_message(self, client: paho.Client, userdata: Any, m: paho.MQTTMessage) -> None:
         props = getattr(m, "properties", None)

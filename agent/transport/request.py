@@ -78,7 +78,8 @@ class RequestClient:
 
     Raises:
         ProtocolError: a malformed fleet or client id.
-        TransportError: the reply subscription cannot be made.
+        TransportError: the reply subscription cannot be made (on a connected transport: the
+            broker refused it or did not acknowledge it; see :meth:`MqttTransport.subscribe`).
     """
 
     def __init__(self, transport: MqttTransport, fleet: str) -> None:
@@ -89,7 +90,7 @@ class RequestClient:
         transport.subscribe(self.reply_topic, qos=1, handler=self._on_reply)
 
     def request(self, device: str, command: str, payload: bytes | Command, *,
-                timeout: float = 10.0) -> PendingRequest:
+                timeout: float = 10.0, ack_timeout: float | None = None) -> PendingRequest:
         """Publish a command and return the handle its replies arrive on.
 
         Args:
@@ -97,13 +98,17 @@ class RequestClient:
             command: one of :data:`agent.protocol.COMMANDS`.
             payload: raw JSON bytes, or a request dataclass (serialized for you).
             timeout: default wait per reply, seconds.
+            ack_timeout: if given, first wait up to this many seconds for the broker to
+                acknowledge the command (it then holds it, e.g. for a device that is offline with
+                a persistent session).
 
         Returns:
             A :class:`PendingRequest`; close it when done.
 
         Raises:
             ProtocolError: a malformed device id or unknown command.
-            TransportError: the publish failed.
+            TransportError: the publish failed, or the broker refused or did not acknowledge it
+                within ``ack_timeout``.
         """
         topic = Topics(self.fleet, device).cmd(command)
         data = payload if isinstance(payload, bytes) else payload.to_bytes()
@@ -112,7 +117,7 @@ class RequestClient:
         self._pending[correlation] = pending
         try:
             self.transport.publish(topic, data, qos=1, response_topic=self.reply_topic,
-                                   correlation_data=correlation)
+                                   correlation_data=correlation, timeout=ack_timeout)
         except TransportError:
             self._forget(correlation)
             raise
@@ -162,10 +167,11 @@ class RequestClient:
             raise TransportError(f"inference stream exceeded {MAX_QUEUED_REPLIES} chunks")
 
     def wait_ready(self, timeout: float) -> None:
-        """Wait until the transport is connected (replies can flow).
+        """Wait until the transport is connected and the reply subscription is in effect
+        (replies can flow).
 
         Raises:
-            TransportError: not connected within ``timeout``.
+            TransportError: not connected within ``timeout``, or the reply subscription refused.
         """
         self.transport.wait_connected(timeout)
 

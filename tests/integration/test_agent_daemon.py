@@ -32,6 +32,7 @@ from agent.protocol import (
     RollbackRequest,
     StatusRequest,
 )
+from fleet.client import install_job_id
 from fleet.serve import BundleServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -208,8 +209,8 @@ def test_command_sent_while_agent_is_down_runs_after_restart(tmp_path, broker, a
         host.wait_for(DEV, "state", lambda m: m["state"] == "online", timeout=30)
         a.stop()
         host.wait_for(DEV, "state", lambda m: m["state"] == "offline", timeout=15)
-        pending = host.requests.request(DEV, "status", StatusRequest(), timeout=60)
-        time.sleep(0.5)  # the broker now holds it in the device's persistent session
+        # Acknowledged by the broker: it now holds the command in the device's persistent session.
+        pending = host.requests.request(DEV, "status", StatusRequest(), timeout=60, ack_timeout=10)
         a.start()
         with pending:
             reply = Reply.from_bytes(pending.get().payload)
@@ -248,7 +249,8 @@ def test_broker_restart_during_install_installs_once(agent, host, server, agent_
     try:
         with host2.requests.request(DEV, "install", install_req(server, agent_bundles["v1"]),
                                     timeout=180) as pending:
-            time.sleep(0.3)
+            job = install_job_id(pending.correlation)
+            host.wait_for(DEV, "events", lambda m: m.get("job") == job, timeout=60)  # it started
             broker.wait_saved()
             broker.restart(crash=True)
             reply = Reply.from_bytes(pending.get().payload)
@@ -365,8 +367,12 @@ def test_device_over_tls_with_credentials_is_confined_to_its_subtree(tmp_path, s
         reply = host.requests.call(DEV, "status", StatusRequest(), timeout=30)
         assert reply.ok and reply.result["device"] == DEV
         impostor.start()
-        time.sleep(3)
-        assert host.latest("dev-c", "state") is None  # its births were refused by the broker
+        # The impostor connected and announced itself: the broker refused its birth and state
+        # (QoS 1, so each refusal comes back as a PUBACK "Not authorized" the agent logs).
+        impostor.wait_log("broker refused message", count=2)
+        # Anything the broker had passed on would reach the host before this later reply.
+        assert host.requests.call(DEV, "status", StatusRequest(), timeout=30).ok
+        assert host.latest("dev-c", "state") is None
         assert host.latest("dev-c", "birth") is None
     finally:
         good.stop()

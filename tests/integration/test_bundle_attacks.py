@@ -2,6 +2,9 @@
 
 Every test installs a good v1 first, then offers a hostile bundle and checks (a) the right error
 class, (b) v1 is still current with its files intact, (c) nothing was left in staging or slots.
+Where the refusal could come from the bundle being broken some other way, the test also shows the
+same bundle without the attack installs (the positive control); ``rewrite`` itself is checked by
+``test_rewrite_of_a_good_bundle_without_edits_installs``.
 """
 
 from __future__ import annotations
@@ -55,6 +58,13 @@ def rewrite(bundle: Path, out: Path, edit) -> Path:
     return out
 
 
+def test_rewrite_of_a_good_bundle_without_edits_installs(store, make_bundle, tmp_path):
+    # The control for every attack built with rewrite(): re-packing alone breaks nothing.
+    good = make_bundle({"model.bin": b"new weights " * 4096, "tok/vocab.txt": b"x y z"}, version=2)
+    same = rewrite(good, tmp_path / "same.bundle", lambda ms: ms)
+    assert store.install(same).bundle.manifest.version == 2
+
+
 def test_bit_flip_in_each_payload_file_is_refused(store, make_bundle, tmp_path):
     good = make_bundle({"model.bin": b"new weights " * 4096, "tok/vocab.txt": b"x y z"}, version=2)
     for target in ("model.bin", "tok/vocab.txt"):
@@ -102,10 +112,14 @@ def test_edited_manifest_with_matching_payload_hash_is_refused(store, make_bundl
     assert_v1_intact(store)
 
 
-def test_signature_by_untrusted_key_is_refused(store, make_bundle):
+def test_signature_by_untrusted_key_is_refused(store, make_bundle, tmp_path):
+    attacker = SigningKey.generate("attacker")
+    bundle = make_bundle(version=2, key=attacker)
     with pytest.raises(SignatureError, match="untrusted key"):
-        store.install(make_bundle(version=2, key=SigningKey.generate("attacker")))
+        store.install(bundle)
     assert_v1_intact(store)
+    # The control: the bundle itself is sound; only the key is not trusted here.
+    assert Store(tmp_path / "other", Keyring([attacker.public])).install(bundle).bundle.manifest.version == 2
 
 
 def test_untrusted_key_claiming_trusted_key_id_is_refused(store, make_bundle, signing_key, tmp_path):
@@ -215,12 +229,14 @@ def test_size_mismatch_is_refused(store, make_bundle, tmp_path):
 
 
 def test_truncated_bundle_is_refused(store, make_bundle, tmp_path):
-    data = make_bundle(version=2).read_bytes()
+    whole = make_bundle(version=2)
+    data = whole.read_bytes()
     bad = tmp_path / "trunc.bundle"
     bad.write_bytes(data[: len(data) // 2])
     with pytest.raises(UntrustedDataError):
         store.install(bad)
     assert_v1_intact(store)
+    assert store.install(whole).bundle.manifest.version == 2  # the control: the whole file installs
 
 
 def test_missing_listed_file_is_refused(store, make_bundle, tmp_path):
@@ -269,6 +285,8 @@ def test_bundle_for_another_arch_is_refused(store, make_bundle):
     with pytest.raises(InstallError, match="this device is"):
         store.install(make_bundle(version=2, arch=("riscv64",)))
     assert_v1_intact(store)
+    # The control: the same requirement naming this device's arch is met.
+    assert store.install(make_bundle(version=2, arch=("riscv64", store.arch))).bundle.manifest.version == 2
 
 
 def test_not_enough_ram_is_refused_before_writing(store, make_bundle):
@@ -276,16 +294,19 @@ def test_not_enough_ram_is_refused_before_writing(store, make_bundle):
         store.install(make_bundle(version=2, min_ram=1 << 50))
     assert e.value.resource == "ram"
     assert_v1_intact(store)
+    assert store.install(make_bundle(version=2, min_ram=1 << 20)).bundle.manifest.version == 2  # control
 
 
 def test_full_disk_is_refused_before_writing(tmp_path, keyring, make_bundle):
     store = Store(tmp_path / "state", keyring)
     store.install(make_bundle(version=1))
     tight = Store(tmp_path / "state", keyring, disk_free=lambda _p: 1024)
+    v2 = make_bundle(version=2)
     with pytest.raises(InsufficientResourcesError) as e:
-        tight.install(make_bundle(version=2))
+        tight.install(v2)
     assert e.value.resource == "disk"
     assert_v1_intact(tight)
+    assert store.install(v2).bundle.manifest.version == 2  # the control: with the real free space
 
 
 def test_failed_load_check_rolls_back_to_previous(store, make_bundle):

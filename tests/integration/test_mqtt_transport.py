@@ -1,7 +1,14 @@
 """MqttTransport and RequestClient against a real mosquitto on loopback (no mocks).
 
 Faults are injected for real: the client process is SIGKILLed, the broker is SIGKILLed and
-restarted. Every wait is bounded.
+restarted. Every wait is bounded, and none stands in for an acknowledgement: ``subscribe()`` on a
+connected transport returns once the broker's SUBACK granted the filter, and ``wait_connected()``
+once the SUBACKs of the filters subscribed before the connect are in, so a publish that follows is
+delivered.
+
+"Nothing arrives" checks lean on mosquitto delivering one publisher's messages in the order they
+were published: the forbidden message is sent first and an allowed control after it, so once the
+control has arrived, a forbidden message that got through would already be in the inbox.
 """
 
 # The broker fixtures are imported by name (until conftest.py imports them), so each test's fixture
@@ -14,15 +21,22 @@ import os
 import queue
 import select
 import signal
-import statistics
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from brokerfixtures import CONTROLLER, broker, secure_broker  # noqa: F401
+from brokerfixtures import (  # noqa: F401
+    ALLOWED_FILTER,
+    CONTROLLER,
+    broker,
+    secure_broker,
+    subscribe_acl_broker,
+)
 from brokerkit import Broker
 
 from agent.errors import TransportError
@@ -69,6 +83,19 @@ class Inbox:
         with pytest.raises(AssertionError):
             self.expect(pred, timeout)
 
+    def until(self, pred: Callable[[Message], bool], timeout: float = WAIT) -> list[Message]:
+        """Every message up to and including the first matching ``pred`` (bounded wait)."""
+        got: list[Message] = []
+        end = time.monotonic() + timeout
+        while (left := end - time.monotonic()) > 0:
+            try:
+                got.append(self.q.get(timeout=left))
+            except queue.Empty:
+                break
+            if pred(got[-1]):
+                return got
+        raise AssertionError(f"no matching message within {timeout}s; got {got}")
+
 
 @pytest.fixture
 def clients() -> Iterator[Callable[..., MqttTransport]]:
@@ -93,7 +120,6 @@ def test_publish_subscribe_round_trip(broker: Broker, clients: Callable[..., Mqt
     sub = clients(broker.url, "sub")
     sub.subscribe("edgepack/v1/lab/+/health", handler=inbox)
     pub = clients(broker.url, "pub")
-    time.sleep(0.2)  # let the SUBACK land before publishing
     pub.publish("edgepack/v1/lab/pi/health", b'{"x":1}', qos=1, timeout=WAIT)
     m = inbox.expect()
     assert (m.topic, m.payload, m.retain, m.qos) == ("edgepack/v1/lab/pi/health", b'{"x":1}', False, 1)
@@ -177,7 +203,6 @@ def test_qos1_sent_while_offline_arrives_after_reconnect(broker: Broker,
     topics = Topics("lab", "pi-sleep")
     dev = clients(broker.url, "pi-sleep", session_expiry=3600)
     dev.subscribe(topics.cmd_filter)
-    time.sleep(0.2)
     dev.stop()
     ctl = clients(broker.url, "ctl-sleep")
     ctl.publish(topics.cmd("status"), b"{}", qos=1, timeout=WAIT)
@@ -199,7 +224,6 @@ def test_reconnects_by_itself_after_broker_crash(broker: Broker,
     sub.subscribe("edgepack/v1/lab/pi-crash/cmd/+", handler=inbox)
     pub = clients(broker.url, "ctl-crash")
     assert ups.get(timeout=WAIT) is False
-    time.sleep(0.2)  # the SUBACK
     broker.wait_saved()  # so the crash keeps the session
     broker.restart(crash=True)
     downs.get(timeout=WAIT)
@@ -214,15 +238,14 @@ def test_reconnects_by_itself_after_broker_crash(broker: Broker,
 def test_qos1_published_during_an_outage_is_sent_after_reconnect(
         broker: Broker, clients: Callable[..., MqttTransport]) -> None:
     inbox = Inbox()
+    downs: queue.Queue[str] = queue.Queue()
     sub = clients(broker.url, "ctl-outage", session_expiry=3600)
     sub.subscribe("edgepack/v1/lab/pi-out/events", handler=inbox)
-    pub = clients(broker.url, "pi-out", session_expiry=3600)
-    time.sleep(0.2)  # the SUBACK
+    pub = clients(broker.url, "pi-out", session_expiry=3600, on_disconnect=downs.put)
     broker.wait_saved()  # the subscriber's session must survive the crash to receive it
     broker.kill()
-    end = time.monotonic() + WAIT
-    while pub.connected and time.monotonic() < end:
-        time.sleep(0.05)
+    downs.get(timeout=WAIT)
+    assert not pub.connected
     pub.publish("edgepack/v1/lab/pi-out/events", b"queued")  # no broker: paho keeps it
     broker.start()
     assert inbox.expect(timeout=30).payload == b"queued"
@@ -264,7 +287,6 @@ def test_request_response_with_correlation(broker: Broker, clients: Callable[...
     topics = Topics("lab", "pi-rr")
     serve(clients(broker.url, "pi-rr"), topics)
     host = RequestClient(clients(broker.url, "host-rr", session_expiry=0), "lab")
-    time.sleep(0.2)
     r = host.call("pi-rr", "status", StatusRequest(), timeout=WAIT)
     assert r == Reply.success({"device": "pi-rr", "command": "status"})
     chunks = list(host.stream("pi-rr", InferRequest("a b c"), timeout=WAIT))
@@ -280,7 +302,6 @@ def test_concurrent_requests_get_their_own_replies(broker: Broker,
     for d in ("pi-c1", "pi-c2"):
         serve(clients(broker.url, d), Topics("lab", d))
     host = RequestClient(clients(broker.url, "host-cc", session_expiry=0), "lab")
-    time.sleep(0.2)
     p1 = host.request("pi-c1", "probe", b"{}", timeout=WAIT)
     p2 = host.request("pi-c2", "rollback", b"{}", timeout=WAIT)
     with p1, p2:
@@ -291,26 +312,31 @@ def test_concurrent_requests_get_their_own_replies(broker: Broker,
 
 
 def test_request_to_absent_device_times_out(broker: Broker, clients: Callable[..., MqttTransport]) -> None:
+    serve(clients(broker.url, "pi-here"), Topics("lab", "pi-here"))
     host = RequestClient(clients(broker.url, "host-to", session_expiry=0), "lab")
+    # The positive control: the same client gets an answer from a device that is there.
+    assert host.call("pi-here", "status", b"{}", timeout=WAIT).ok
     with pytest.raises(TransportError, match="no reply"):
         host.call("nobody", "status", b"{}", timeout=0.5)
 
 
-def test_round_trip_latency_is_sub_millisecond_class(broker: Broker,
-                                                     clients: Callable[..., MqttTransport]) -> None:
-    # With TCP_NODELAY on both ends a QoS 1 request/response is ~0.5 ms here; without, 44–88 ms.
-    serve(clients(broker.url, "pi-lat"), Topics("lab", "pi-lat"))
-    host = RequestClient(clients(broker.url, "host-lat", session_expiry=0), "lab")
-    time.sleep(0.2)
-    times = []
-    for _ in range(200):
-        t0 = time.perf_counter()
-        host.call("pi-lat", "status", b"{}", timeout=WAIT)
-        times.append(time.perf_counter() - t0)
-    median_ms = statistics.median(times) * 1000
-    print(f"request/response median {median_ms:.2f} ms, p95 "
-          f"{sorted(times)[int(len(times) * 0.95)] * 1000:.2f} ms")
-    assert median_ms < 20, "Nagle is back: is TCP_NODELAY set on both ends?"
+def test_every_connection_sets_tcp_nodelay(broker: Broker, clients: Callable[..., MqttTransport]) -> None:
+    # Without TCP_NODELAY a QoS 1 round trip costs 44-88 ms of Nagle/delayed-ACK stalls
+    # (bench/bench_mqtt.py measures it); here the option itself is checked, on the live socket,
+    # after the first connect and after a reconnect.
+    ups: queue.Queue[bool] = queue.Queue()
+    t = clients(broker.url, "pi-nodelay", on_connect=ups.put)
+    ups.get(timeout=WAIT)
+
+    def nodelay() -> int:
+        sock = t._client.socket()  # paho's socket: the only way to read the option back
+        assert sock is not None
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+    assert nodelay()
+    broker.restart()
+    ups.get(timeout=30)
+    assert nodelay()
 
 
 # --- security: TLS, passwords, ACL ---------------------------------------------------------------------
@@ -331,10 +357,12 @@ def test_wrong_password_is_refused(secure_broker: Broker,
                                    clients: Callable[..., MqttTransport]) -> None:
     t = clients(secure_broker.url, "dev-a", username="dev-a", password="wrong", start=False)
     t.start()
-    t0 = time.monotonic()
-    with pytest.raises(TransportError, match="refused"):
+    # "refused the connection" is the at-once path; a timeout would say "not connected within".
+    with pytest.raises(TransportError, match="refused the connection"):
         t.wait_connected(WAIT)
-    assert time.monotonic() - t0 < WAIT / 2  # refused at once, not by timing out
+    assert "reason code 0x86" in t.last_error or "reason code 0x87" in t.last_error, t.last_error
+    # The positive control: the right password on the same broker connects.
+    clients(secure_broker.url, "dev-a", username="dev-a", password=secure_broker.users["dev-a"])
 
 
 def test_device_cannot_publish_outside_its_subtree_or_to_its_commands(
@@ -344,27 +372,20 @@ def test_device_cannot_publish_outside_its_subtree_or_to_its_commands(
     ctl = clients(b.url, "ctl-acl", username=CONTROLLER, password=b.users[CONTROLLER])
     ctl.subscribe("edgepack/v1/#", handler=watcher)
     dev = clients(b.url, "dev-a", username="dev-a", password=b.users["dev-a"])
-    time.sleep(0.2)
     own, other = Topics("lab", "dev-a"), Topics("lab", "dev-b")
     denied = [other.state, other.cmd("install"), own.cmd("install"), "edgepack/v1/lab/dev-a-x/state",
               "elsewhere/topic"]
-    refusals = 0
     for topic in denied:
-        # MQTT 5 mosquitto answers a denied QoS 1 publish with PUBACK "Not authorized"; other
-        # brokers drop it silently. Either is fine: what matters is that nobody receives it.
-        try:
+        # MQTT 5 mosquitto answers a denied QoS 1 publish with PUBACK "Not authorized".
+        with pytest.raises(TransportError, match=r"(?i)not authorized"):
             dev.publish(topic, b"evil", qos=1, timeout=WAIT)
-        except TransportError as e:
-            assert "authorized" in str(e).lower()
-            refusals += 1
     dev.publish(own.health, b"fine", qos=1, timeout=WAIT)  # the positive control, sent last
-    assert watcher.expect(lambda m: m.payload == b"fine").topic == own.health
-    watcher.none(lambda m: m.payload == b"evil", 1.0)
-    print(f"{refusals}/{len(denied)} denied publishes were refused with a reason code")
+    seen = watcher.until(lambda m: m.payload == b"fine")
+    assert seen[-1].topic == own.health
+    assert [m.topic for m in seen if m.payload == b"evil"] == []
     # Commands still flow from the controller to the device.
     got = Inbox()
     dev.subscribe(own.cmd_filter, handler=got)
-    time.sleep(0.2)
     ctl.publish(own.cmd("status"), b"{}", timeout=WAIT)
     assert got.expect().topic == own.cmd("status")
 
@@ -372,10 +393,91 @@ def test_device_cannot_publish_outside_its_subtree_or_to_its_commands(
 def test_device_cannot_read_another_devices_commands(
         secure_broker: Broker, clients: Callable[..., MqttTransport]) -> None:
     b = secure_broker
-    spy = Inbox()
+    spy, mine = Inbox(), Inbox()
     dev = clients(b.url, "dev-b", username="dev-b", password=b.users["dev-b"])
+    # mosquitto grants the SUBACK (its acl_file filters delivery, not subscriptions): what the ACL
+    # must stop is the delivery.
     dev.subscribe(Topics("lab", "dev-a").cmd_filter, handler=spy)
+    dev.subscribe(Topics("lab", "dev-b").cmd_filter, handler=mine)
     ctl = clients(b.url, "ctl-spy", username=CONTROLLER, password=b.users[CONTROLLER])
-    time.sleep(0.2)
     ctl.publish(Topics("lab", "dev-a").cmd("install"), b"{}", timeout=WAIT)
-    spy.none(lambda m: True, 1.0)
+    # The positive control, published after: dev-b does read its own commands.
+    ctl.publish(Topics("lab", "dev-b").cmd("status"), b"{}", timeout=WAIT)
+    assert mine.expect().topic == Topics("lab", "dev-b").cmd("status")
+    assert spy.q.empty()  # dev-a's command, published first on the same connection, would be here
+
+
+# --- subscriptions take effect at a known point ------------------------------------------------------
+
+
+def test_a_refused_subscription_raises_and_an_allowed_one_receives(
+        subscribe_acl_broker: Broker, clients: Callable[..., MqttTransport]) -> None:
+    b = subscribe_acl_broker
+    inbox, never = Inbox(), Inbox()
+    t = clients(b.url, "sub-acl")
+    with pytest.raises(TransportError, match=r"refused subscription to 'forbidden/x'.*0x87"):
+        t.subscribe("forbidden/x", handler=never)
+    t.subscribe(ALLOWED_FILTER, handler=inbox)  # the positive control, on the same connection
+    pub = clients(b.url, "pub-acl")
+    pub.publish("forbidden/x", b"no", timeout=WAIT)
+    pub.publish("allowed/x", b"yes", timeout=WAIT)
+    assert inbox.expect().payload == b"yes"
+    assert never.q.empty()
+    # A refused subscription is forgotten: a reconnect does not try it again.
+    ups: queue.Queue[bool] = queue.Queue()
+    t.on_connect = ups.put
+    b.restart()
+    ups.get(timeout=30)
+    t.wait_connected(WAIT)
+
+
+def test_subscriptions_made_before_start_are_active_when_wait_connected_returns(
+        broker: Broker, clients: Callable[..., MqttTransport]) -> None:
+    inbox = Inbox()
+    pub = clients(broker.url, "pub-early")
+    sub = clients(broker.url, "sub-early", start=False)
+    for i in range(20):
+        sub.subscribe(f"early/{i}", handler=inbox)
+    sub.start()
+    sub.wait_connected(WAIT)
+    pub.publish("early/19", b"first", timeout=WAIT)  # the last filter sent on connect
+    assert inbox.expect().payload == b"first"
+
+
+def test_wait_connected_reports_a_refused_subscription_made_before_start(
+        subscribe_acl_broker: Broker, clients: Callable[..., MqttTransport]) -> None:
+    inbox = Inbox()
+    t = clients(subscribe_acl_broker.url, "sub-refused-early", start=False)
+    t.subscribe("forbidden/y")
+    t.subscribe("allowed/y", handler=inbox)
+    t.start()
+    with pytest.raises(TransportError, match=r"refused subscription 'forbidden/y'.*0x87"):
+        t.wait_connected(WAIT)
+    assert t.connected  # the connection stays up, and the granted filter works
+    clients(subscribe_acl_broker.url, "pub-refused-early").publish("allowed/y", b"ok", timeout=WAIT)
+    assert inbox.expect().payload == b"ok"
+
+
+def test_subscribe_inside_a_handler_does_not_wait(broker: Broker,
+                                                  clients: Callable[..., MqttTransport]) -> None:
+    # The SUBACK is read by the thread running the handler: waiting there could only time out.
+    second = Inbox()
+    done = threading.Event()
+    errors: list[Exception] = []
+    t = clients(broker.url, "sub-in-handler")
+
+    def on_first(m: Message) -> None:
+        try:
+            t.subscribe("inner/second", handler=second)
+        except TransportError as e:
+            errors.append(e)
+        done.set()
+
+    t.subscribe("inner/first", handler=on_first)
+    pub = clients(broker.url, "pub-in-handler")
+    pub.publish("inner/first", b"go", timeout=WAIT)
+    assert done.wait(WAIT) and errors == []
+    # A waited-for SUBACK, sent after the handler's SUBSCRIBE, means that one is in effect too.
+    t.subscribe("inner/sync")
+    pub.publish("inner/second", b"reached", timeout=WAIT)
+    assert second.expect().payload == b"reached"

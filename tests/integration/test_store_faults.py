@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from need import need
 
 from agent.bundle import Keyring
 from agent.errors import InstallError, InsufficientResourcesError
@@ -78,8 +79,7 @@ def small_disk(tmp_path):
     mnt.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400m", "tmpfs", str(mnt)],
                        capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {r.stderr.strip()}")
+    need(r.returncode == 0, f"cannot mount a small tmpfs here (needs root): {r.stderr.strip()}")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
