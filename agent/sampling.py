@@ -59,6 +59,9 @@ class Defaults:
     # Base models loop without a repetition penalty; 1.1 keeps them coherent and barely touches
     # chat models (llama.cpp's server used the same value for years).
     repeat_penalty: float = 1.1
+    # Generations end at the model's end-of-sequence token; only a benchmark that needs a fixed
+    # token count (the post-install gate) goes on through it.
+    ignore_eos: bool = False
 
 
 DEFAULTS: Final = Defaults()

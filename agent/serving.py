@@ -1,9 +1,10 @@
 """Serving inference from the resident model: one bounded queue, one worker, cancel by request id.
 
-Door-agnostic: a door (MQTT today) turns a request into an :class:`InferJob` whose ``emit``
+Door-agnostic: a door (MQTT, HTTP) turns a request into an :class:`InferJob` whose ``emit``
 delivers :class:`~agent.protocol.InferChunk` s to whoever asked, and :meth:`InferenceServer.submit`
 queues it or says the queue is full (the door answers ``busy``). Every door shares the one queue,
-the one model and the same counters.
+the one model and the same counters. A door cancels its own job by setting ``job.cancel`` (a
+client that went away) or by request id (:meth:`InferenceServer.cancel`).
 
 Per job: (1) skip it if it was cancelled while queued, (2) take the model lock and load the current
 bundle if another one is resident, (3) stream: the first text at once (time to first token), later
@@ -41,11 +42,20 @@ ChunkSink = Callable[[InferChunk], None]
 
 @dataclass
 class InferJob:
-    """One inference request and where its chunks go (``emit`` may raise; the server copes)."""
+    """One inference request and where its chunks go (``emit`` may raise; the server copes).
+
+    Attributes:
+        messages: the whole conversation for the chat template (``request.chat`` must be set);
+            None: ``request.prompt`` is the one user turn (or the text to complete).
+        on_start: told which bundle serves the job, once it is loaded and before the first
+            token (a door that names the model in its answer); called on the worker thread.
+    """
 
     request: InferRequest
     emit: ChunkSink
     cancel: threading.Event = field(default_factory=threading.Event)
+    messages: tuple[dict[str, str], ...] | None = None
+    on_start: Callable[[InstalledBundle], None] | None = None
 
 
 class InferenceServer:
@@ -160,11 +170,14 @@ class InferenceServer:
                 if cur is None:
                     raise StoreError("no bundle is installed on this device")
                 runtime = self.model.ensure(cur)
+                if job.on_start is not None:
+                    job.on_start(cur)
                 params = GenerationParams(
                     max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
                     top_k=req.top_k, repeat_penalty=req.repeat_penalty, stop=req.stop, seed=req.seed)
                 pending, last_sent = "", 0.0
-                for chunk in runtime.stream(req.prompt, params, chat=req.chat):
+                prompt = job.messages if job.messages is not None and req.chat else req.prompt
+                for chunk in runtime.stream(prompt, params, chat=req.chat):
                     if job.cancel.is_set():
                         runtime.cancel()
                     pending += chunk.text
