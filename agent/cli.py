@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent._cli import dispatch, dump, env, err, setup_logging
-from agent.errors import KeyringError, StoreError
+from agent.errors import EdgepackError, KeyringError, StoreError
 from agent.protocol import default_device_id
 from agent.sampling import DEFAULTS
 
 if TYPE_CHECKING:
     from agent.gate import GateConfig
+    from agent.http_api import HttpConfig
     from agent.store import Store
 
 log = logging.getLogger("agent")
@@ -151,8 +152,13 @@ def cmd_install(args: argparse.Namespace) -> int:
              f"{b.target.runtime}/{b.target.quant or b.target.precision} [{res.bundle.slot}]{note}")
         c = res.check or {}
         if "decode_tok_s" in c:
-            err(f"gate: TTFT {c['ttft_ms']} ms, decode {c['decode_tok_s']} tok/s, "
-                 f"peak RSS {c['peak_rss_mb']} MiB (SLO: {c.get('thresholds') or 'none set'})")
+            err(f"gate: TTFT {c['ttft_ms']} ms, decode {c['decode_tok_s']} tok/s over "
+                 f"{c.get('decode_tokens', '?')} tokens, peak RSS {c['peak_rss_mb']} MiB "
+                 f"(SLO: {c.get('thresholds') or 'none set'})")
+            fid = c.get("fidelity") or {}
+            err(f"fidelity: top-1 agreement {fid['agreement']} over {fid['positions']} positions "
+                f"(threshold {fid['threshold']})" if fid.get("checked")
+                else f"fidelity: not checked ({fid.get('reason', 'no report')})")
     return 0
 
 
@@ -262,7 +268,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         device_id=args.device, fleet=args.fleet, username=args.username, password=args.password,
         ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file,
         health_interval=args.health_interval, infer_queue=args.queue, threads=args.threads,
-        chunk_interval=args.chunk_interval, gate=gate_config(args),
+        chunk_interval=args.chunk_interval, gate=gate_config(args), http=_http_config(args),
     )
     agent = Agent(cfg)
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -273,13 +279,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _http_config(args: argparse.Namespace) -> HttpConfig | None:
+    """The HTTP door's configuration from ``--http`` and ``--http-key-file`` (None: no door).
+
+    Raises:
+        EdgepackError: a malformed address, or a key file that cannot be read.
+    """
+    if not args.http:
+        if args.http_key_file:
+            raise EdgepackError("--http-key-file needs --http HOST:PORT")
+        return None
+    from agent.http_api import HttpConfig, parse_listen, read_key_file
+
+    host, port = parse_listen(args.http)
+    key = read_key_file(Path(args.http_key_file)) if args.http_key_file else None
+    return HttpConfig(host=host, port=port, api_key=key)
+
+
 def cmd_install_service(args: argparse.Namespace) -> int:
     import shutil
     import subprocess
 
     from agent.service import install_service
 
-    exe = args.exec_path or shutil.which("edgepack-agent") or sys.argv[0]
+    # A frozen agent binary installs itself, never whatever edgepack-agent is first on PATH.
+    frozen = sys.executable if getattr(sys, "frozen", False) else None
+    exe = args.exec_path or frozen or shutil.which("edgepack-agent") or sys.argv[0]
     env = {"EDGEPACK_BROKER": args.broker, "EDGEPACK_FLEET": args.fleet,
            "EDGEPACK_DEVICE": args.device, "EDGEPACK_STATE_DIR": "/var/lib/edgepack-agent",
            "EDGEPACK_KEYRING": args.service_keyring}
@@ -290,6 +315,11 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     unit, env_file = install_service(str(Path(exe).resolve()), env, unit_dir=Path(args.unit_dir),
                                      env_path=Path(args.env_file))
     err(f"wrote {unit} and {env_file}")
+    if frozen and exe == frozen and Path(getattr(sys, "_MEIPASS", exe)).parent != Path(exe).parent:
+        # One-file: the bootloader stays the main process and Python runs in its child, so
+        # systemd (NotifyAccess=main) ignores the child's READY=1 and the start times out.
+        err("warning: a one-file agent binary cannot be a Type=notify service's main process; "
+            "install the one-folder build (edgepack agent-binary without --onefile) under systemd")
     if args.enable:
         for cmd in (["systemctl", "daemon-reload"], ["systemctl", "enable", "--now", unit.name]):
             subprocess.run(cmd, check=False)
@@ -367,12 +397,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chunk-interval", type=float, default=float(env("CHUNK_INTERVAL") or "0.05"),
                    help="seconds of tokens per streamed chunk after the first; 0 = one per token "
                         "[EDGEPACK_CHUNK_INTERVAL]")
+    s.add_argument("--http", default=env("HTTP") or None, metavar="HOST:PORT",
+                   help="also serve the OpenAI-compatible HTTP API here (a bare PORT listens on "
+                        "127.0.0.1 only) [EDGEPACK_HTTP]")
+    s.add_argument("--http-key-file", default=env("HTTP_KEY_FILE") or None, metavar="FILE",
+                   help="require 'Authorization: Bearer <the key in FILE>' on /v1/* "
+                        "[EDGEPACK_HTTP_KEY_FILE]")
     _add_gate_flags(s)
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("install-service", help="write the systemd unit and its env file")
     _add_mqtt_flags(s)
-    s.add_argument("--exec-path", help="edgepack-agent executable (default: the one on PATH)")
+    s.add_argument("--exec-path", help="edgepack-agent executable (default: this binary when run "
+                   "from an agent binary, else the one on PATH)")
     s.add_argument("--service-keyring", default="/etc/edgepack/keyring.json",
                    help="keyring path the service reads")
     s.add_argument("--unit-dir", default="/etc/systemd/system")
@@ -391,7 +428,8 @@ def _add_gate_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--slo", action="append", metavar="KEY=VALUE",
                    default=[i for i in (env("SLO") or "").split(",") if i.strip()] or None,
                    help="replace a manifest SLO threshold, repeatable: min_decode_tok_s, "
-                        "max_ttft_ms, max_rss_mb; 0 turns one off [EDGEPACK_SLO, ','-separated]")
+                        "max_ttft_ms, max_rss_mb, min_agreement (the fidelity check's, 0-1); "
+                        "0 turns one off [EDGEPACK_SLO, ','-separated]")
 
 
 def _add_mqtt_flags(s: argparse.ArgumentParser) -> None:

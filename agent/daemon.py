@@ -8,6 +8,9 @@ Parts, each in its own module:
   them one at a time, with status and probe).
 - :class:`~agent.resident.ResidentModel` — the one loaded model; an install swaps it between
   requests, never under one.
+- :class:`~agent.http_api.HttpApi` (only with ``AgentConfig.http``) — the OpenAI-compatible HTTP
+  door for local apps: the same inference server, model and counters as the MQTT door. It serves
+  whether or not the broker is reachable, and is imported only when configured (idle RSS).
 This module owns the lifecycle: :meth:`Agent.run` (the main thread) publishes health every
 ``health_interval`` and pings the systemd watchdog; every (re)connect publishes the retained birth
 and ``online`` state; :meth:`Agent.stop` says ``offline`` and stops the parts.
@@ -27,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent import __version__
 from agent import _systemd as systemd
@@ -58,6 +61,9 @@ from agent.serving import InferenceServer
 from agent.store import Store
 from agent.transport.mqtt import Message, MqttTransport, Will
 
+if TYPE_CHECKING:
+    from agent.http_api import HttpApi, HttpConfig
+
 log = logging.getLogger("agent.daemon")
 _T = TypeVar("_T")
 
@@ -86,6 +92,7 @@ class AgentConfig:
     gate: GateConfig = field(default_factory=GateConfig)  # the load check's benchmark vs the SLO
     download_timeout: float = 30.0  # seconds without progress before a download retry
     chunk_interval: float = 0.05  # seconds of tokens coalesced per streamed chunk after the first
+    http: HttpConfig | None = None  # the OpenAI-compatible HTTP door (None: MQTT only)
 
     def __post_init__(self) -> None:
         check_id(self.device_id, "device id")
@@ -129,7 +136,10 @@ class Agent:
         self.topics = Topics(config.fleet, config.device_id)
         self.store = Store(config.state_dir, load_keyring(config.keyring))
         self.started_at = time.monotonic()
-        self.counters = Counters(COUNTERS)
+        http_counters: tuple[str, ...] = ()
+        if config.http is not None:
+            from agent.http_api import COUNTERS as http_counters
+        self.counters = Counters(COUNTERS + http_counters)
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._facts: dict[str, Any] | None = None
@@ -152,13 +162,26 @@ class Agent:
                                             journal=self.journal, on_replay=self._replayed,
                                             counters=self.counters, clock=clock)
         self.transport.subscribe(self.topics.cmd_filter, qos=1, handler=self.dispatcher.on_command)
+        self.http: HttpApi | None = None
+        if config.http is not None:
+            from agent.http_api import HttpApi
+
+            self.http = HttpApi(config.http, self.serving, self.store.current, self.http_health,
+                                counters=self.counters, clock=clock)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the workers and connect (returns at once; see :meth:`wait_ready`)."""
+        """Start the workers, listen for HTTP if configured, connect (returns at once; see
+        :meth:`wait_ready`).
+
+        Raises:
+            TransportError: the HTTP address cannot be bound (before anything is announced).
+        """
         self.dispatcher.start()
         self.serving.start()
+        if self.http is not None:
+            self.http.start()
         self.transport.start()
 
     def wait_ready(self, timeout: float) -> bool:
@@ -196,14 +219,17 @@ class Agent:
         self._stop.set()
 
     def _systemd_status(self, connected: bool) -> str:
+        http = f", HTTP API on {self.http.url}" if self.http is not None else ""
         if connected:
-            return f"serving {self.topics.base} on {self.config.broker_url}"
+            return f"serving {self.topics.base} on {self.config.broker_url}{http}"
         why = self.transport.last_error or "connecting"
-        return f"serving locally; broker {self.config.broker_url} not connected ({why})"
+        return f"serving locally{http}; broker {self.config.broker_url} not connected ({why})"
 
     def stop(self) -> None:
         """Publish ``offline``, stop the workers (finishing the running request) and disconnect."""
         self._stop.set()
+        if self.http is not None:
+            self.http.stop()  # no new HTTP requests; the running ones end with serving.stop()
         self.serving.stop()
         self.dispatcher.stop()
         if self.transport.connected:
@@ -284,6 +310,25 @@ class Agent:
             "queue": self.serving.depth,
             "errors": self.counters.snapshot(),
         }
+
+    def http_health(self) -> dict[str, Any]:
+        """The HTTP door's ``GET /health``: cheap (no psutil, no probe), never raises.
+
+        ``ready``: a bundle is installed, so requests can be served (the model loads on the first
+        one if it is not ``model_loaded`` yet).
+        """
+        def current() -> dict[str, Any] | None:
+            cur = self.store.current()
+            return ({"model": cur.manifest.model_name, "version": cur.manifest.version,
+                     "quant": cur.manifest.target.quant, "runtime": cur.manifest.target.runtime,
+                     "slot": cur.slot, "digest": cur.digest} if cur else None)
+
+        cur = self._reading("current bundle", current)
+        return {"status": "ok" if cur else "no_model", "ready": cur is not None,
+                "model_loaded": self.model.slot is not None, "loaded_slot": self.model.slot,
+                "current": cur, "busy": self.serving.busy, "queue": self.serving.depth,
+                "queue_size": self.serving.queue_size, "mqtt_connected": self.transport.connected,
+                "last_usage": self.serving.last_usage, "counters": self.counters.snapshot()}
 
     def publish_health(self) -> None:
         """Publish one health message; never raises (a failure is logged and counted)."""

@@ -8,6 +8,8 @@ rolled back, a build is fixed by the person running it. Each carries structured 
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class EdgepackError(Exception):
     """Base of every edgepack error."""
@@ -73,6 +75,14 @@ class DowngradeError(UntrustedDataError):
         super().__init__(message)
         self.offered = offered
         self.installed = installed
+
+
+class ReleaseError(UntrustedDataError):
+    """A release document (``release.json``) is missing, unsigned, malformed, of another major
+    format, or inconsistent with the bundles it lists."""
+
+    hint = ("A release is signed by 'edgepack build' beside its bundles (release.json + "
+            "release.json.sig); check it with 'edgepack release verify RELEASE --keyring FILE'.")
 
 
 class KeyringError(EdgepackError):
@@ -141,11 +151,28 @@ class GateFailedError(InstallError):
             "profile, or loosen the check with --slo KEY=VALUE.")
 
     def __init__(self, message: str, *, figures: dict[str, float], failures: tuple[str, ...],
-                 thresholds: dict[str, float] | None = None) -> None:
+                 thresholds: dict[str, float] | None = None,
+                 fidelity: dict[str, Any] | None = None) -> None:
         super().__init__(message, step="gate")
         self.figures = dict(figures)
         self.failures = tuple(failures)
         self.thresholds = dict(thresholds or {})
+        self.fidelity = dict(fidelity) if fidelity is not None else None  # agent.fidelity's report
+
+
+class FidelityError(GateFailedError):
+    """The new model runs but computes other tokens than the build host did on the fixed probe:
+    its top-1 agreement with the manifest's ``fidelity`` ids is under the threshold
+    (agent.fidelity). A runtime, driver or accelerator producing fluent garbage raises no error;
+    this is how it shows.
+
+    ``fidelity`` holds the check's report (agreement, positions, threshold, ok).
+    """
+
+    hint = ("This device's runtime, driver or accelerator computes different tokens than the "
+            "build host did for the same bundle: check their versions, or ship a build for another "
+            "device (target.device) or runtime. --slo min_agreement=VALUE replaces the threshold "
+            "(0 turns the check off).")
 
 
 class StoreError(EdgepackError):

@@ -43,6 +43,7 @@ from agent.errors import (
     BundleFormatError,
     DigestMismatchError,
     DowngradeError,
+    FidelityError,
     GateFailedError,
     InferenceError,
     InstallError,
@@ -604,13 +605,18 @@ def error_code(e: BaseException) -> str:
     """A stable machine code for an error, for replies and events.
 
     ``slo_failed``: the new model loaded but missed its SLO in the post-install gate and was
-    rolled back (``install_failed`` is any other failed load check).
+    rolled back; ``fidelity_failed``: it loaded but computes other tokens than the build host did
+    (the gate's fidelity check, agent.fidelity) and was rolled back; ``install_failed`` is any
+    other failed load check.
     """
     # The store wraps whatever the load check raised in InstallError(rolled_back=True); the
     # cause says whether it was the gate, which a rollout reacts to differently (the build is
-    # too slow for the profile, not broken).
-    if isinstance(e, GateFailedError) or (
-            isinstance(e, InstallError) and isinstance(e.__cause__, GateFailedError)):
+    # too slow for the profile, or this device computes it wrong: not a transient failure).
+    gate = e if isinstance(e, GateFailedError) else (
+        e.__cause__ if isinstance(e, InstallError) else None)
+    if isinstance(gate, FidelityError):
+        return "fidelity_failed"
+    if isinstance(gate, GateFailedError):
         return "slo_failed"
     if isinstance(e, ProtocolError):
         return e.code

@@ -75,13 +75,16 @@ class ResidentModel:
             bundle: the freshly switched (pending) bundle.
             gate: how to benchmark and judge; the defaults (gate on, the manifest's SLO) when None.
             on_gate: receives the gate's report ({ok, ttft_ms, decode_tok_s, peak_rss_mb, tokens,
-                failures, thresholds}), pass or fail, before this returns or raises.
+                decode_tokens, failures, thresholds, fidelity}), pass or fail, before this
+                returns or raises.
 
         Returns:
             ``load_ms`` plus the gate's figures; the store commits with them.
 
         Raises:
-            GateFailedError: an SLO was missed (the store rolls back; call :meth:`drop` after).
+            GateFailedError: an SLO was missed, or (:class:`~agent.errors.FidelityError`) the
+                model computes other tokens than the build host (the store rolls back; call
+                :meth:`drop` after).
             InferenceError: the model does not load or generates nothing.
             RuntimeUnavailableError: the bundle's runtime cannot run here.
         """
@@ -90,11 +93,13 @@ class ResidentModel:
             load_ms = self._load_locked(bundle)
             assert self._runtime is not None
             try:
-                checked = run_gate(self._runtime, bundle.manifest.slo, gate)
+                checked = run_gate(self._runtime, bundle.manifest.slo, gate,
+                                   bundle.manifest.fidelity)
             except GateFailedError as e:
                 if on_gate is not None:
                     on_gate({"ok": False, **e.figures, "failures": list(e.failures),
-                             "thresholds": e.thresholds})
+                             "thresholds": e.thresholds,
+                             **({"fidelity": e.fidelity} if e.fidelity is not None else {})})
                 raise
             if gate.enabled and on_gate is not None:
                 on_gate(checked)

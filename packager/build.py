@@ -3,13 +3,18 @@
 Workflow: (1) plan every profile purely (:func:`packager.plan.plan`), (2) build each distinct
 variant once — profiles that want the same (runtime, format, precision, quant, device) share it,
 (3) measure each variant's quality once against the full-precision reference through the runtime
-that will serve it, (4) per profile, refuse variants over the profile's quality budget (never
-signed), (5) write and sign one bundle per remaining profile, (6) write a build report.
+that will serve it, and its own top-1 ids on the agent's fidelity probe (agent/fidelity.py) the
+same way, (4) per profile, refuse variants over the profile's quality budget (never signed),
+(5) write and sign one bundle per remaining profile, its manifest carrying the probe ids and the
+profile's ``min_agreement``, (6) write and sign the release (``release.json`` +
+``release.json.sig``: every bundle of this build by profile, agent/bundle/release.py) and the
+build report.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import json
 import logging
@@ -20,7 +25,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agent.bundle import Manifest, Requirements, SigningKey, Target
+from agent._fs import file_digest
+from agent.bundle import Fidelity, Manifest, Release, ReleaseBundle, Requirements, SigningKey, Target
 from agent.errors import PackagingError, QualityBudgetError
 from agent.profiles import DeviceProfile
 from packager.bundler import file_entries, write_bundle
@@ -51,13 +57,16 @@ class BuiltBundle:
     path: Path
     manifest: Manifest
     size_bytes: int
+    sha256: str = ""  # of the bundle file
+    manifest_digest: str = ""  # sha256 of the signed manifest bytes: the digest a device reports
 
     def to_dict(self) -> dict[str, Any]:
         m = self.manifest
         return {"profile": self.profile, "variant": self.variant, "bundle": str(self.path),
                 "version": m.version, "runtime": m.target.runtime, "format": m.target.format,
                 "precision": m.target.precision, "quant": m.target.quant, "device": m.target.device,
-                "size_bytes": self.size_bytes, "quality": m.quality}
+                "size_bytes": self.size_bytes, "sha256": self.sha256,
+                "manifest_digest": self.manifest_digest, "quality": m.quality}
 
 
 @dataclass
@@ -70,11 +79,12 @@ class BuildReport:
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     machine: str = ""  # the host the speed figures were measured on
     chart: str = ""  # the PNG's file name, when one was drawn
+    release: str = ""  # the signed release.json listing this build's bundles ("" when none)
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "bundles": [b.to_dict() for b in self.bundles],
                 "refused": self.refused, "over_budget": self.over_budget, "variants": self.variants,
-                "machine": self.machine, "chart": self.chart}
+                "machine": self.machine, "chart": self.chart, "release": self.release}
 
     def to_markdown(self) -> str:
         from packager.report import cross_runtime_rows
@@ -114,6 +124,8 @@ class BuildReport:
             lines += [f"- **{k}**: {why}" for k, why in not_run.items()]
         lines += ["", "| profile | bundle | version |", "|---|---|---:|"]
         lines += [f"| {b.profile} | {b.path.name} | {b.manifest.version} |" for b in self.bundles]
+        if self.release:
+            lines += ["", f"Release (signed, every bundle above by profile): `{Path(self.release).name}`"]
         sections = (("Refused (plan)", self.refused), ("Refused (quality budget)", self.over_budget))
         for title, refusals in sections:
             if refusals:
@@ -203,6 +215,28 @@ def measure_variant(model: ModelInfo, variant: Variant, artifact: Path, *, cache
                    variant_name=variant.quant, reference_name="fp32")
 
 
+def probe_variant(model: ModelInfo, variant: Variant, artifact: Path, *, cache_dir: Path,
+                  threads: int) -> tuple[tuple[int, ...], str]:
+    """The variant's own top-1 ids on the fidelity probe through its runtime, on this host's CPU.
+
+    Returns:
+        (the ids, ``measured_as``): an ONNX build for CUDA or DirectML cannot load here, so its CPU
+        build (same precision and options) is probed and its key returned, as for quality.
+
+    Raises:
+        PackagingError: the proxy could not be built; InferenceError / RuntimeUnavailableError:
+            scoring failed.
+    """
+    from packager.quality import probe_ids
+
+    if model.source_kind != variant.format and variant.format in CPU_PROXY_FORMATS \
+            and variant.device != "cpu":
+        proxy = dataclasses.replace(variant, device="cpu")
+        path = build_variant(model, proxy, cache_dir=cache_dir, threads=threads)
+        return probe_ids(path, runtime=proxy.runtime, threads=threads), proxy.key
+    return probe_ids(artifact, runtime=variant.runtime, threads=threads), ""
+
+
 def payload_files(artifact: Path, fmt: str) -> tuple[dict[str, Path], str]:
     """The bundle's payload for an artifact: ``{path in bundle: file on disk}`` and the entrypoint.
 
@@ -228,10 +262,19 @@ def artifact_size(artifact: Path) -> int:
 
 def _manifest(model: ModelInfo, pp: ProfilePlan, payload: dict[str, Path], entrypoint: str,
               quality: dict[str, Any], key: SigningKey, version: int, now: datetime,
-              chat_template: str | None) -> Manifest:
+              chat_template: str | None, probe: tuple[tuple[int, ...], str]) -> Manifest:
+    from agent.fidelity import PROBE_SHA256, PROBE_WINDOW
+
     prof = pp.profile
     entries = file_entries(payload)
     size = sum(e.size for e in entries)
+    slo = asdict(prof.slo)
+    # The agreement threshold travels with the ids it is about, in the fidelity table.
+    threshold = slo.pop("min_agreement")
+    ids, measured_as = probe
+    fidelity = Fidelity(probe_sha256=PROBE_SHA256, window=PROBE_WINDOW, top1=ids,
+                        threshold=threshold, runtime=pp.variant.runtime, device="cpu",
+                        measured_as=measured_as)
     return Manifest(
         model_name=model_slug(model.name),
         version=version,
@@ -244,12 +287,39 @@ def _manifest(model: ModelInfo, pp: ProfilePlan, payload: dict[str, Path], entry
                     "options": dict(pp.variant.options),
                     "chat_template": chat_template or ""},
         quality=quality,
-        slo=asdict(prof.slo),
+        slo=slo,
+        fidelity=fidelity,
         source={"kind": model.source_kind, "digest": model.source_digest, "name": model.name,
                 "n_params": model.n_params, "native_quant": model.native_quant},
         signer_key_id=key.key_id,
         created=now.strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
+
+
+def release_of(report: BuildReport, model: ModelInfo, key: SigningKey, now: datetime) -> Release:
+    """The release of a build's signed bundles: per profile the file, its digests, the manifest's
+    quality and fidelity threshold, and the speed the report measured for its variant here."""
+    bundles: dict[str, ReleaseBundle] = {}
+    for b in report.bundles:
+        m, q = b.manifest, b.manifest.quality
+        speed = report.variants.get(b.variant, {}).get("speed")
+        expected = dict(speed) if isinstance(speed, dict) and "error" not in speed else None
+        quality = {k: q.get(k) for k in ("metric", "reference", "ppl", "reference_ppl", "delta_pct",
+                                         "top1_agreement")}
+        if q.get("measured_as"):
+            quality["measured_as"] = q["measured_as"]
+        bundles[b.profile] = ReleaseBundle(
+            profile=b.profile, file=b.path.name, sha256=b.sha256, size=b.size_bytes,
+            manifest_digest=b.manifest_digest, model=m.model_name, version=m.version,
+            runtime=m.target.runtime, format=m.target.format, precision=m.target.precision,
+            quant=m.target.quant, device=m.target.device, quality=quality, expected=expected,
+            fidelity_threshold=m.fidelity.threshold if m.fidelity is not None else None)
+    first = report.bundles[0].manifest
+    return Release(model=first.model_name, version=first.version,
+                   created=now.strftime("%Y-%m-%dT%H:%M:%SZ"), bundles=bundles,
+                   signer_key_id=key.key_id,
+                   source={"kind": model.source_kind, "digest": model.source_digest,
+                           "name": model.name})
 
 
 def build(
@@ -278,7 +348,8 @@ def build(
         speed: also measure each variant's TTFT and decode rate on this host for the report.
 
     Returns:
-        The report: bundles written, profiles refused by the plan or the quality budget.
+        The report: bundles written, profiles refused by the plan or the quality budget, and the
+        signed release listing the bundles (``release``; none when no bundle was written).
 
     Raises:
         PackagingError: a conversion or quantization failed.
@@ -295,6 +366,7 @@ def build(
         log.warning("profile %s: %s", name, why)
     artifacts: dict[str, Path] = {}
     qualities: dict[str, QualityReport] = {}
+    probes: dict[str, tuple[tuple[int, ...], str]] = {}
     # One GGUF file serves cpu, cuda and metal profiles alike: time each (artifact, runtime) once.
     speeds: dict[tuple[Path, str], dict[str, Any]] = {}
     for i, v in enumerate(bp.variants, 1):  # (2) each distinct variant once
@@ -303,6 +375,8 @@ def build(
         log.info("[%d/%d] measuring %s", i, len(bp.variants), v.key)
         qualities[v.key] = measure_variant(model, v, artifacts[v.key], cache_dir=cache_dir,
                                            threads=threads)
+        probes[v.key] = probe_variant(model, v, artifacts[v.key], cache_dir=cache_dir,
+                                      threads=threads)
         report.variants[v.key] = {"size_bytes": artifact_size(artifacts[v.key]),
                                   "runtime": v.runtime, "format": v.format,
                                   "precision": v.precision, "quant": v.quant, "device": v.device,
@@ -325,12 +399,22 @@ def build(
             report.over_budget[name] = str(e)
             continue
         payload, entrypoint = payload_files(artifacts[pp.variant.key], pp.variant.format)
-        m = _manifest(model, pp, payload, entrypoint, q.to_manifest(), key, version, now, template)
+        m = _manifest(model, pp, payload, entrypoint, q.to_manifest(), key, version, now, template,
+                      probes[pp.variant.key])
         out = out_dir / f"{m.model_name}-{name}-{pp.variant.quant}-v{version}.bundle"
-        write_bundle(out, m, key, payload)
-        report.bundles.append(BuiltBundle(name, pp.variant.key, out, m, out.stat().st_size))
+        manifest_bytes = write_bundle(out, m, key, payload)
+        d = file_digest(out)
+        report.bundles.append(BuiltBundle(name, pp.variant.key, out, m, d.size, d.sha256,
+                                          hashlib.sha256(manifest_bytes).hexdigest()))
         log.info("signed %s", out.name)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if report.bundles:  # (6) nothing to roll out, no release
+        from packager.release import write_release
+
+        rel = release_of(report, model, key, now)
+        report.release = str(write_release(out_dir, rel, key))
+        log.info("signed %s (%s, %d bundle(s))", Path(report.release).name, rel.release_id,
+                 len(rel.bundles))
     if report.variants:
         from packager.report import write_chart
 

@@ -1,4 +1,4 @@
-"""The packaging commands of ``edgepack``: profiles, model, plan, keys, build, bundle.
+"""The packaging commands of ``edgepack``: profiles, model, plan, keys, build, bundle, release.
 
 :func:`add_commands` adds them to the host parser (:mod:`edgepack.cli`, which composes them with
 the fleet's). Handlers only parse and call the packager's domain modules; human status goes to
@@ -52,7 +52,7 @@ def _selected_profiles(args: argparse.Namespace) -> list[DeviceProfile]:
 
 
 def _model(args: argparse.Namespace) -> ModelInfo:
-    from packager.model import resolve_model
+    from packager.catalog import resolve_model
 
     return resolve_model(args.model, cache_dir=_cache(args))
 
@@ -111,6 +111,22 @@ def cmd_model_sample(args: argparse.Namespace) -> int:
     s = ensure_sample(_cache(args))
     out = {"gguf": str(s.gguf), "hf_dir": str(s.hf_dir)}
     _dump(out) if args.json else print(f"GGUF:          {s.gguf}\nHF checkpoint: {s.hf_dir}")
+    return 0
+
+
+def cmd_model_tiny(args: argparse.Namespace) -> int:
+    from packager.tiny import ensure_tiny_phi3
+
+    t = ensure_tiny_phi3(_cache(args), seed=args.seed, eos_bias=args.eos_bias)
+    out = {"hf_dir": str(t.hf_dir), "name": t.name, "seed": t.seed, "eos_bias": t.eos_bias,
+           "key": t.key, "n_params": t.n_params, "vocab_size": t.vocab_size,
+           "size_bytes": t.size_bytes, "built": t.built}
+    if args.json:
+        _dump(out)
+        return 0
+    print(t.hf_dir)  # the path alone on stdout: usable as $(edgepack model tiny)
+    _err(f"{t.name}: random-weight Phi-3, {t.n_params / 1e6:.1f} M params, "
+         f"{t.size_bytes / 1e6:.1f} MB ({'made now' if t.built else 'cached'})")
     return 0
 
 
@@ -174,6 +190,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         for p, why in {**report.refused, **report.over_budget}.items():
             _err(f"{p:18s} refused: {why}")
         _err(f"report: {Path(args.output) / 'build-report.md'}")
+        if report.release:
+            _err(f"release: {report.release} (signed; edgepack release inspect {report.release})")
     explicitly_refused = [p for p in report.refused if not args.all_profiles]
     return 1 if report.over_budget or explicitly_refused or not report.bundles else 0
 
@@ -217,6 +235,44 @@ def cmd_bundle_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- release -------------------------------------------------------------------------------------
+
+
+def cmd_release_inspect(args: argparse.Namespace) -> int:
+    from agent.bundle.release import read_release_unverified
+    from packager.release import describe
+
+    r = read_release_unverified(Path(args.release))
+    if args.json:
+        _dump({"verified": False, "release_id": r.release_id, "release": r.to_dict()})
+        return 0
+    _err("(unverified: use 'edgepack release verify RELEASE --keyring FILE' to check its signature)")
+    for line in describe(r):
+        print(line)
+    return 0
+
+
+def cmd_release_verify(args: argparse.Namespace) -> int:
+    from agent.bundle import load_keyring
+    from packager.release import verify_release_dir
+
+    r, checks = verify_release_dir(Path(args.release),
+                                   load_keyring([Path(k) for k in args.keyring]),
+                                   bundles=args.bundles)
+    bad = [c for c in checks if not c.ok]
+    if args.json:
+        _dump({"verified": True, "release_id": r.release_id, "signer": r.signer_key_id,
+               "bundles": {c.profile: {"file": c.file, "ok": c.ok, "reason": c.reason}
+                           for c in checks} if args.bundles else None,
+               "ok": not bad})
+    else:
+        print(f"OK: release {r.release_id} signed by {r.signer_key_id[:16]}, "
+              f"{len(r.bundles)} bundle(s) listed")
+        for c in checks:
+            print(f"{c.profile:18s} {c.file}  {'OK' if c.ok else 'FAILED: ' + c.reason}")
+    return 1 if bad else 0
+
+
 # --- parser --------------------------------------------------------------------------------------
 
 
@@ -227,7 +283,8 @@ def _add_profile_selection(s: argparse.ArgumentParser) -> None:
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``profiles``, ``model``, ``plan``, ``keys``, ``build`` and ``bundle`` to the host CLI.
+    """Add ``profiles``, ``model``, ``plan``, ``keys``, ``build``, ``bundle`` and ``release`` to
+    the host CLI.
 
     The handlers read ``args.profiles_dir`` and ``args.cache_dir`` (global options of the host
     parser).
@@ -249,6 +306,16 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     s = model.add_parser("sample", help="make the Gemma 3 270M sample (GGUF + HF checkpoint)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_model_sample)
+    from packager.tiny import EOS_STOPS_AT_ONCE, SUPPRESSED_BIAS  # light: no torch at import
+
+    s = model.add_parser("tiny", help="make the tiny random-weight Phi-3 for fast tests "
+                         "(--model tiny-phi3 names the default one)")
+    s.add_argument("--seed", type=int, default=0, help="weights' seed (same seed, same bytes)")
+    s.add_argument("--eos-bias", type=float, default=SUPPRESSED_BIAS,
+                   help=f"EOS logit offset: {SUPPRESSED_BIAS:g} never stops (default), "
+                   f"{EOS_STOPS_AT_ONCE:g} stops at once")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_model_tiny)
     s = model.add_parser("info", help="shape of a model (HF folder, .gguf, hub id, or 'sample')")
     s.add_argument("model")
     s.set_defaults(func=cmd_model_info)
@@ -289,6 +356,20 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     s.add_argument("--keyring", action="append", required=True)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_bundle_verify)
+
+    release = sub.add_parser("release", help="inspect or verify a build's signed release "
+                             "(release.json)").add_subparsers(dest="sub", required=True)
+    s = release.add_parser("inspect", help="show a release WITHOUT checking its signature")
+    s.add_argument("release", help="release.json, or the build folder holding it")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_release_inspect)
+    s = release.add_parser("verify", help="check a release's signature (release.json.sig beside it)")
+    s.add_argument("release", help="release.json, or the build folder holding it")
+    s.add_argument("--keyring", action="append", required=True)
+    s.add_argument("--bundles", action="store_true",
+                   help="also check each listed bundle file beside it (size and sha256)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_release_verify)
 
 
 __all__ = ["add_commands"]

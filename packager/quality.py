@@ -157,6 +157,26 @@ def measure(variant_path: Path, reference_path: Path | None, *, runtime: str = "
     return report
 
 
+def probe_ids(path: Path, *, runtime: str, threads: int = 0) -> tuple[int, ...]:
+    """A variant's own top-1 ids on the agent's fidelity probe, through the runtime that serves it.
+
+    Exactly what the device's gate computes (agent/fidelity.py :func:`~agent.fidelity.probe_top1`:
+    ``evaluate_nll(PROBE_TEXT, window=PROBE_WINDOW)``, the first ``PROBE_POSITIONS`` ids), scored
+    once per (model bytes, runtime version) and cached like every score.
+
+    Raises:
+        RuntimeUnavailableError: the runtime cannot run here.
+        InferenceError: loading or scoring failed, or the runtime gives no top-1 ids.
+    """
+    from agent.errors import InferenceError
+    from agent.fidelity import PROBE_POSITIONS, PROBE_TEXT, PROBE_WINDOW
+
+    res = _score(path, PROBE_TEXT, runtime=runtime, threads=threads, window=PROBE_WINDOW)
+    if res.top1 is None:
+        raise InferenceError(f"{runtime} gives no top-1 ids: no fidelity table can be recorded")
+    return tuple(res.top1[:PROBE_POSITIONS])
+
+
 def _score(path: Path, text: str, *, runtime: str, threads: int, window: int) -> NllResult:
     """Score a model on the text, reusing an earlier score of the same bytes from the disk cache.
 

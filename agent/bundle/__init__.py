@@ -2,6 +2,8 @@
 
 Producer: :mod:`packager` builds manifests and signs them. Consumer: :mod:`agent.store` streams a
 bundle through :class:`BundleReader`, verifying with :func:`verify_manifest` before any payload.
+A build's signed :class:`Release` (agent/bundle/release.py) lists its bundles per profile; the
+packager writes it, the fleet reads it with :func:`read_release`.
 """
 
 from typing import TYPE_CHECKING
@@ -11,11 +13,22 @@ from agent.bundle.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     SIGNATURE_NAME,
+    Fidelity,
     FileEntry,
     Manifest,
     Requirements,
     Target,
     check_member_path,
+)
+from agent.bundle.release import (
+    RELEASE_FORMAT,
+    RELEASE_NAME,
+    RELEASE_SIG_NAME,
+    Release,
+    ReleaseBundle,
+    read_release,
+    sign_release,
+    verify_release,
 )
 from agent.bundle.verify import (
     check_file,
@@ -41,12 +54,18 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "RELEASE_FORMAT",
+    "RELEASE_NAME",
+    "RELEASE_SIG_NAME",
     "SIGNATURE_NAME",
     "BundleReader",
+    "Fidelity",
     "FileEntry",
     "Keyring",
     "Manifest",
     "PublicKey",
+    "Release",
+    "ReleaseBundle",
     "Requirements",
     "SigningKey",
     "Target",
@@ -56,6 +75,9 @@ __all__ = [
     "key_id_of",
     "load_keyring",
     "parse_signatures",
+    "read_release",
     "sign_manifest",
+    "sign_release",
     "verify_manifest",
+    "verify_release",
 ]

@@ -91,6 +91,89 @@ class FileEntry:
         return {"path": self.path, "size": self.size, "sha256": self.sha256}
 
 
+MAX_FIDELITY_POSITIONS = 1024
+MAX_FIDELITY_WINDOW = 4096
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """What the build host computed on the fixed probe text through the serving runtime.
+
+    The ``fidelity`` table of a manifest (see agent/fidelity.py for the check): the top-1
+    next-token id at each of the first ``positions`` positions of the probe, scored by
+    ``Runtime.evaluate_nll(probe, window=window)``, and the fraction of them a device must
+    reproduce. Unknown keys survive a round trip.
+    """
+
+    probe_sha256: str  # sha256 of the probe text's UTF-8 bytes: which text the ids belong to
+    window: int  # the scoring window the ids were measured with
+    top1: tuple[int, ...]  # one token id per position; positions == len(top1)
+    threshold: float  # agreement in [0, 1] a device must reach; 0 = unchecked
+    runtime: str  # the runtime that measured them (the one that serves the bundle)
+    device: str = "cpu"  # the build host's device they were measured on
+    measured_as: str = ""  # another variant's key when this one cannot load there (its CPU build)
+    unrecognized: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.probe_sha256, str) or not _SHA256.match(self.probe_sha256):
+            raise ManifestError("fidelity.probe_sha256 must be 64 lowercase hex digits")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) \
+                or not 1 <= self.window <= MAX_FIDELITY_WINDOW:
+            raise ManifestError(f"fidelity.window must be an integer in [1, {MAX_FIDELITY_WINDOW}]")
+        ids = tuple(self.top1) if isinstance(self.top1, list | tuple) else None
+        if not ids or len(ids) > MAX_FIDELITY_POSITIONS or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+            raise ManifestError(f"fidelity.top1 must list 1-{MAX_FIDELITY_POSITIONS} token ids "
+                                "(integers >= 0)")
+        object.__setattr__(self, "top1", ids)
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0.0 <= t <= 1.0:
+            raise ManifestError("fidelity.threshold must be a number in [0, 1]")
+        object.__setattr__(self, "threshold", float(t))
+        if not isinstance(self.runtime, str) or not self.runtime:
+            raise ManifestError("fidelity.runtime must be a non-empty string")
+
+    @property
+    def positions(self) -> int:
+        return len(self.top1)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Fidelity:
+        """Validate a manifest's ``fidelity`` table.
+
+        Raises:
+            ManifestError: a field is missing, of the wrong type, or ``positions`` does not count
+                ``top1``.
+        """
+        if not isinstance(d, dict):
+            raise ManifestError("manifest.fidelity must be an object")
+        top1 = _req(d, "top1", list, "fidelity")
+        positions = _req(d, "positions", int, "fidelity")
+        if positions != len(top1):
+            raise ManifestError(f"fidelity.positions is {positions} but top1 lists {len(top1)} ids")
+        known = {"probe_sha256", "window", "top1", "positions", "threshold", "runtime", "device",
+                 "measured_as"}
+        return cls(
+            probe_sha256=_req(d, "probe_sha256", str, "fidelity"),
+            window=_req(d, "window", int, "fidelity"),
+            top1=tuple(top1),
+            threshold=_req(d, "threshold", (int, float), "fidelity"),
+            runtime=_req(d, "runtime", str, "fidelity"),
+            device=str(d.get("device", "cpu")),
+            measured_as=str(d.get("measured_as", "")),
+            unrecognized=_split(d, known),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = dict(self.unrecognized)
+        d.update({"probe_sha256": self.probe_sha256, "window": self.window,
+                  "positions": self.positions, "top1": list(self.top1),
+                  "threshold": self.threshold, "runtime": self.runtime, "device": self.device})
+        if self.measured_as:
+            d["measured_as"] = self.measured_as
+        return d
+
+
 @dataclass(frozen=True)
 class Target:
     """How the payload runs: runtime plugin, format, precision and the tool's quant name."""
@@ -125,6 +208,9 @@ class Manifest:
     generation: dict[str, Any] = field(default_factory=dict)  # context, threads, chat_template, ...
     quality: dict[str, Any] = field(default_factory=dict)  # metric, reference, delta_pct, ...
     slo: dict[str, Any] = field(default_factory=dict)
+    # The build host's top-1 ids on the fixed probe (agent/fidelity.py); None: an older bundle
+    # without one (the gate then reports the check as not done).
+    fidelity: Fidelity | None = None
     source: dict[str, Any] = field(default_factory=dict)  # kind, digest of the source model
     signer_key_id: str = ""
     created: str = ""  # ISO 8601 UTC, informational only (never used for trust)
@@ -205,6 +291,8 @@ class Manifest:
                 "created": self.created,
             }
         )
+        if self.fidelity is not None:  # absent, not null: older manifests keep their exact bytes
+            d["fidelity"] = self.fidelity.to_dict()
         return d
 
     def to_bytes(self) -> bytes:
@@ -244,7 +332,8 @@ class Manifest:
         if not isinstance(arch, list) or not all(isinstance(a, str) for a in arch):
             raise ManifestError("requirements.arch must be a list of strings")
         known = {"format_version", "model", "profile", "target", "files", "requirements",
-                 "generation", "quality", "slo", "source", "signer", "created"}
+                 "generation", "quality", "slo", "fidelity", "source", "signer", "created"}
+        fidelity = Fidelity.from_dict(d["fidelity"]) if "fidelity" in d else None
         return cls(
             format_version=fv,
             model_name=_req(model, "name", str, "model"),
@@ -267,6 +356,7 @@ class Manifest:
             generation=dict(d.get("generation", {})),
             quality=dict(d.get("quality", {})),
             slo=dict(d.get("slo", {})),
+            fidelity=fidelity,
             source=dict(d.get("source", {})),
             signer_key_id=str(signer.get("key_id", "")),
             created=str(d.get("created", "")),

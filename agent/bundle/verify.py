@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from agent.bundle.keys import Keyring, SigningKey
+from agent.bundle.keys import Keyring, PublicKey, SigningKey
 from agent.bundle.manifest import MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES, FileEntry, Manifest
 from agent.errors import DigestMismatchError, DowngradeError, ManifestError, SignatureError
 
@@ -65,6 +65,44 @@ def parse_signatures(data: bytes) -> list[Signature]:
     return out
 
 
+def trusted_signer(data: bytes, signature_bytes: bytes, keyring: Keyring, *,
+                   document: str = "manifest", owner: str = "bundle") -> PublicKey:
+    """The trusted key whose signature in the envelope verifies over exactly ``data``.
+
+    Steps (2) and (3) of the module's order, shared by every signed document (manifests, releases):
+    the caller caps ``data`` before and parses it only after.
+
+    Args:
+        data: the exact signed bytes.
+        signature_bytes: the signature envelope (``manifest.sig``, ``release.json.sig``).
+        keyring: the trusted keys.
+        document, owner: what the bytes are and what they belong to, for the messages.
+
+    Raises:
+        SignatureError: the envelope is malformed, the keyring is empty, no signature is by a
+            trusted key, or a trusted key's signature does not match the bytes.
+    """
+    signatures = parse_signatures(signature_bytes)
+    if len(keyring) == 0:
+        raise SignatureError(f"the device keyring is empty: no {owner} can be trusted",
+                             hint="Give the agent a keyring with --keyring FILE.")
+    for s in signatures:
+        key = keyring.get(s.key_id)
+        if key is not None and key.verify(s.sig, data):
+            return key
+    known = [s.key_id[:16] for s in signatures if s.key_id in keyring]
+    if known:
+        raise SignatureError(
+            f"the signature by trusted key {known[0]} does not match the {document} bytes "
+            f"(the {document} was modified after signing, or the signature is corrupt)"
+        )
+    raise SignatureError(
+        f"the {owner} is signed by an untrusted key "
+        f"({', '.join(s.key_id[:16] for s in signatures)}); trusted: "
+        f"{', '.join(k.key_id[:16] for k in keyring.public_keys())}"
+    )
+
+
 def verify_manifest(
     manifest_bytes: bytes,
     signature_bytes: bytes,
@@ -94,28 +132,7 @@ def verify_manifest(
     """
     if len(manifest_bytes) > MAX_MANIFEST_BYTES:
         raise ManifestError(f"manifest is {len(manifest_bytes)} bytes (limit {MAX_MANIFEST_BYTES})")
-    signatures = parse_signatures(signature_bytes)
-    if len(keyring) == 0:
-        raise SignatureError("the device keyring is empty: no bundle can be trusted",
-                             hint="Give the agent a keyring with --keyring FILE.")
-    signer = None
-    for s in signatures:
-        key = keyring.get(s.key_id)
-        if key is not None and key.verify(s.sig, manifest_bytes):
-            signer = key
-            break
-    if signer is None:
-        known = [s.key_id[:16] for s in signatures if s.key_id in keyring]
-        if known:
-            raise SignatureError(
-                f"the signature by trusted key {known[0]} does not match the manifest bytes "
-                "(the manifest was modified after signing, or the signature is corrupt)"
-            )
-        raise SignatureError(
-            "the bundle is signed by an untrusted key "
-            f"({', '.join(s.key_id[:16] for s in signatures)}); trusted: "
-            f"{', '.join(k.key_id[:16] for k in keyring.public_keys())}"
-        )
+    signer = trusted_signer(manifest_bytes, signature_bytes, keyring)
     manifest = Manifest.from_bytes(manifest_bytes)
     if manifest.signer_key_id and manifest.signer_key_id != signer.key_id:
         raise ManifestError(

@@ -131,6 +131,19 @@ class Slo:
     min_decode_tok_s: float = 0.0  # tokens per second; 0 = unchecked
     max_ttft_ms: float = 0.0  # time to first token, milliseconds; 0 = unchecked
     max_rss_mb: float = 0.0  # peak resident memory of the agent with the model, MiB; 0 = unchecked
+    # Fidelity check (agent/fidelity.py): the fraction of the fixed probe's 64 positions whose
+    # top-1 token the device must compute as the build host did, through the same runtime and
+    # bundle; 0 = unchecked. Written into the manifest's fidelity table (not its slo). Default from
+    # bench/results/fidelity.md: every honest CPU path measured (llama.cpp, ONNX Runtime GenAI and
+    # OpenVINO at 1 vs 2 threads, OpenVINO f32 vs bf16 vs u8 KV cache) agrees 1.000, and even a
+    # different build of the model (Q4_K_M vs Q8_0 vs F16, OpenVINO int8 vs GGUF) 0.95-0.98;
+    # 0.80 leaves 12 mismatches of margin for accelerator numerics this host cannot run, and sits
+    # far above what a wrong model gets (a broken int4 build 0.58, corrupted weights or ids < 0.2).
+    min_agreement: float = 0.80
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_agreement <= 1.0:
+            raise ProfileError(f"slo.min_agreement must be in [0, 1], got {self.min_agreement}")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,10 @@ Invariants:
 
 Workflow: ``check()`` -> ``load(path, LoadOptions(...))`` -> ``stream(prompt, GenerationParams(...))``
 (text chunks, then one ``Chunk(done=True, usage=...)``) / ``evaluate_nll(text)`` -> ``close()``.
+
+A chat prompt (``chat=True``) is one user turn (a str) or a whole conversation (a sequence of
+``{"role", "content"}`` messages, :data:`CHAT_ROLES`); each runtime formats
+:func:`chat_messages` of it with the bundle's template, so one template machinery serves both.
 """
 
 from __future__ import annotations
@@ -25,11 +29,11 @@ import importlib.util
 import math
 import threading
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 from agent.errors import EdgepackError, InferenceError, RuntimeUnavailableError
 from agent.runtimes.registry import runtime_info
@@ -40,6 +44,9 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
 FINISH_REASONS = ("stop", "length", "cancelled")
+CHAT_ROLES = ("system", "user", "assistant")
+ChatMessage: TypeAlias = Mapping[str, str]  # {"role": one of CHAT_ROLES, "content": text}
+Prompt: TypeAlias = str | Sequence[ChatMessage]  # a conversation only with chat=True
 # Rows of logits turned into float64 at once when scoring: 16 x 262,144 (Gemma's vocab) x 8 bytes
 # = 32 MiB, whatever the window size.
 _SCORE_ROWS = 16
@@ -62,6 +69,10 @@ class GenerationParams:
         repeat_penalty: 1.0 disables it. Base models need ~1.1-1.3 for coherent text.
         stop: Strings that end the generation; they are not part of the output.
         seed: Sampling seed in [0, 2**32), or None for the runtime's default.
+        ignore_eos: Go on through end-of-sequence tokens until ``max_tokens`` (stop strings,
+            cancellation and the context still end it): a benchmark then times a fixed number of
+            tokens however early the model would have stopped. Each runtime honours it its own
+            way (see its module); the token count is ``max_tokens`` in all of them.
 
     Raises:
         InferenceError: A value is out of range or of the wrong type.
@@ -74,8 +85,11 @@ class GenerationParams:
     repeat_penalty: float = DEFAULTS.repeat_penalty
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = DEFAULTS.ignore_eos
 
     def __post_init__(self) -> None:
+        if not isinstance(self.ignore_eos, bool):
+            raise InferenceError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         for name in ("max_tokens", "temperature", "top_p", "top_k", "repeat_penalty"):
             value = getattr(self, name)
             if not LIMITS[name].admits(value):
@@ -368,15 +382,16 @@ class Runtime(abc.ABC):
     # --- generation ----------------------------------------------------------------------------
 
     def stream(
-        self, prompt: str, params: GenerationParams, *, chat: bool = False
+        self, prompt: Prompt, params: GenerationParams, *, chat: bool = False
     ) -> Generator[Chunk, None, None]:
         """Generate from a prompt, chunk by chunk.
 
         Args:
-            prompt: Text to complete, or (``chat=True``) the user's message, formatted with the
-                chat template given at load time or the model's own.
+            prompt: Text to complete, or (``chat=True``) the user's message or the whole
+                conversation (messages with ``role`` in :data:`CHAT_ROLES` and ``content``),
+                formatted with the chat template given at load time or the model's own.
             params: Sampling parameters.
-            chat: Format the prompt as one user turn of a chat.
+            chat: Format the prompt as a chat (one user turn when it is a str).
 
         Returns:
             A generator of text chunks in order, then exactly one ``Chunk(text="", done=True,
@@ -389,13 +404,15 @@ class Runtime(abc.ABC):
         if not isinstance(params, GenerationParams):
             raise InferenceError(f"params must be GenerationParams, got {type(params).__name__}")
         if not isinstance(prompt, str):
-            raise InferenceError(f"prompt must be a string, got {type(prompt).__name__}")
+            if not chat:
+                raise InferenceError(f"prompt must be a string, got {type(prompt).__name__}")
+            prompt = _checked_messages(prompt)
         if not self.loaded:
             raise InferenceError("no model loaded")
         return self._stream_locked(prompt, params, chat)
 
     def _stream_locked(
-        self, prompt: str, params: GenerationParams, chat: bool
+        self, prompt: Prompt, params: GenerationParams, chat: bool
     ) -> Generator[Chunk, None, None]:
         # Non-blocking: a second concurrent stream is a caller bug; waiting could deadlock on a
         # generator its consumer never resumes.
@@ -516,6 +533,24 @@ class Runtime(abc.ABC):
             raise InferenceError("the text produced no scorable tokens")
         return result
 
+    def release_scoring(self) -> None:
+        """Free what :meth:`evaluate_nll` keeps for a next call; the model stays loaded.
+
+        OpenVINO compiles the model a second time for scoring (see its module) and keeps it until
+        close: ~620 MiB of resident memory for the 270M sample. The post-install gate scores once
+        and serving never does, so it frees that here. Other runtimes keep nothing.
+
+        Raises:
+            InferenceError: the runtime failed to release it.
+        """
+        with self._lock:
+            try:
+                self._release_scoring()
+            except EdgepackError:
+                raise
+            except Exception as e:
+                raise InferenceError(f"{self.name}: cannot release the scoring model: {e}") from e
+
     # --- hooks -----------------------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -524,9 +559,11 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     def _stream(
-        self, prompt: str, params: GenerationParams, *, chat: bool
+        self, prompt: Prompt, params: GenerationParams, *, chat: bool
     ) -> Generator[str, None, StreamStats]:
-        """Yield text pieces in order; return StreamStats. End soon after ``_cancel_event``."""
+        """Yield text pieces in order; return StreamStats. End soon after ``_cancel_event``.
+
+        ``prompt`` is a str unless ``chat`` (then format :func:`chat_messages` of it)."""
 
     @abc.abstractmethod
     def _evaluate_nll(self, text: str, window: int) -> NllResult:
@@ -538,6 +575,9 @@ class Runtime(abc.ABC):
 
     def _drop_prompt_cache(self) -> None:  # noqa: B027 (optional hook: most runtimes keep no cache)
         """Forget the KV state of the previous generation (default: there is none)."""
+
+    def _release_scoring(self) -> None:  # noqa: B027 (optional hook: most runtimes keep nothing)
+        """Free what ``_evaluate_nll`` keeps between calls (default: nothing)."""
 
 
 def nll_result(total_nll: float, tokens: int, top1: Sequence[int] | None) -> NllResult:
@@ -563,6 +603,43 @@ def nll_result(total_nll: float, tokens: int, top1: Sequence[int] | None) -> Nll
         tokens=tokens,
         top1=tuple(top1) if top1 is not None else None,
     )
+
+
+def chat_messages(prompt: Prompt) -> list[dict[str, str]]:
+    """The conversation a chat template formats: a str prompt is one user turn.
+
+    Args:
+        prompt: a user message, or messages already checked by :meth:`Runtime.stream`.
+
+    Returns:
+        Fresh ``{"role", "content"}`` dicts, in order.
+    """
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def completion_text(prompt: Prompt) -> str:
+    """The text of a completion (``chat=False``) prompt, which :meth:`Runtime.stream` made sure
+    is a str.
+
+    Raises:
+        InferenceError: ``prompt`` is a conversation.
+    """
+    if not isinstance(prompt, str):
+        raise InferenceError("a list of messages needs chat=True")
+    return prompt
+
+
+def _checked_messages(prompt: object) -> tuple[ChatMessage, ...]:
+    if isinstance(prompt, bytes | bytearray) or not isinstance(prompt, Sequence) or not prompt:
+        raise InferenceError("a chat prompt must be a string or a non-empty list of messages")
+    for i, m in enumerate(prompt):
+        if (not isinstance(m, Mapping) or m.get("role") not in CHAT_ROLES
+                or not isinstance(m.get("content"), str)):
+            raise InferenceError(
+                f"message {i} must be {{role: {'|'.join(CHAT_ROLES)}, content: str}}, got {m!r:.80}")
+    return tuple(prompt)
 
 
 def require_module(runtime: str, module: str, package: str, hint: str) -> None:

@@ -9,6 +9,9 @@ Generation drives ``Llama.generate`` (the token generator that ``create_completi
 * less per-token work than ``create_completion``, which re-detokenizes the whole completion on
   every token. Sampling is identical: same sampler chain, same parameters, same prefix-cache reuse.
 
+``Llama.generate`` itself never stops at end of generation (``create_completion`` does), so
+``GenerationParams.ignore_eos`` is our loop going on past such a token: it counts, adds no text.
+
 Chat formats the user turn with a ``Jinja2ChatFormatter`` (as ``create_chat_completion`` does)
 using ``LoadOptions.chat_template`` when given, else the GGUF's ``tokenizer.chat_template``; a model
 with neither refuses chat instead of guessing a format.
@@ -32,9 +35,12 @@ from agent.runtimes.base import (
     GenerationParams,
     LoadOptions,
     NllResult,
+    Prompt,
     Runtime,
     StopStrings,
     StreamStats,
+    chat_messages,
+    completion_text,
     nll_result,
     score_logits,
 )
@@ -134,22 +140,22 @@ class LlamaCppRuntime(Runtime):
         if llm is not None:
             llm.close()
 
-    def _prompt_tokens(self, llm: Llama, prompt: str, chat: bool) -> list[int]:
+    def _prompt_tokens(self, llm: Llama, prompt: Prompt, chat: bool) -> list[int]:
         if not chat:
             # Same tokenization as create_completion on a str prompt: BOS, special tokens parsed.
-            return llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+            return llm.tokenize(completion_text(prompt).encode("utf-8"), add_bos=True, special=True)
         if self._chat_formatter is None:
             raise InferenceError(
                 "this model has no chat template; pass LoadOptions(chat_template=...) at load"
             )
-        formatted = self._chat_formatter(messages=[{"role": "user", "content": prompt}])
+        formatted = self._chat_formatter(messages=chat_messages(prompt))
         # As llama-cpp-python's chat handler: the template adds BOS itself when added_special.
         return llm.tokenize(
             formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True
         )
 
     def _stream(
-        self, prompt: str, params: GenerationParams, *, chat: bool
+        self, prompt: Prompt, params: GenerationParams, *, chat: bool
     ) -> Generator[str, None, StreamStats]:
         import llama_cpp
 
@@ -189,11 +195,12 @@ class LlamaCppRuntime(Runtime):
                 if entry is None:
                     entry = pieces[token] = (llm.detokenize([token]), is_eog(vocab, token))
                 piece, eog = entry
-                if eog:
+                if eog and not params.ignore_eos:
                     finish = "stop"
                     break
                 completion += 1
-                yield stops.feed(decoder.decode(piece))
+                # With ignore_eos an end-of-generation token counts but is not text.
+                yield stops.feed(decoder.decode(b"" if eog else piece))
                 if stops.hit:
                     finish = "stop"
                     break

@@ -21,6 +21,11 @@ of :data:`_NLL_BATCH` tokens (positions and attention mask continue over the KV 
 ``INFERENCE_PRECISION_HINT=f32`` and an f32 KV cache: CPUs with AVX512-BF16 otherwise compute in
 bf16 with a u8 KV cache, which would blur the weight-compression loss being measured. Generation
 keeps OpenVINO's (faster) defaults.
+The scoring model costs ~1.3 s to compile and ~620 MiB of RSS for the sample int8 IR (measured:
+bench/results/fidelity.md); :meth:`~agent.runtimes.base.Runtime.release_scoring` frees it.
+
+``GenerationParams.ignore_eos`` sets genai's ``GenerationConfig.ignore_eos``: genai goes on past
+its stop ids, and the streamer counts those tokens without showing them.
 """
 
 from __future__ import annotations
@@ -38,9 +43,12 @@ from agent.runtimes.base import (
     GenerationParams,
     LoadOptions,
     NllResult,
+    Prompt,
     Runtime,
     StopStrings,
     StreamStats,
+    chat_messages,
+    completion_text,
     nll_result,
     score_logits,
 )
@@ -178,17 +186,17 @@ class OpenVINORuntime(Runtime):
         self._template = None
         self._stop_ids = frozenset()
 
-    def _prompt_ids(self, prompt: str, chat: bool) -> Any:
+    def _prompt_ids(self, prompt: Prompt, chat: bool) -> Any:
         tokenizer = self._tokenizer
         assert tokenizer is not None
         if not chat:
-            return tokenizer.encode(prompt, add_special_tokens=True)
+            return tokenizer.encode(completion_text(prompt), add_special_tokens=True)
         if self._template is None:
             raise InferenceError(
                 "this model has no chat template; pass LoadOptions(chat_template=...) at load"
             )
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True,
+            chat_messages(prompt), add_generation_prompt=True,
             chat_template=self._template,
         )
         # A template that writes BOS itself must not get a second one from the tokenizer.
@@ -203,6 +211,8 @@ class OpenVINORuntime(Runtime):
         config.apply_chat_template = False  # prompts arrive formatted and tokenized
         config.repetition_penalty = float(params.repeat_penalty)
         config.stop_token_ids = set(self._stop_ids)
+        # genai then goes on past its stop ids; the streamer counts those tokens, shows no text.
+        config.ignore_eos = params.ignore_eos
         if params.temperature == 0:
             config.do_sample = False
         else:
@@ -216,7 +226,7 @@ class OpenVINORuntime(Runtime):
         return config
 
     def _stream(
-        self, prompt: str, params: GenerationParams, *, chat: bool
+        self, prompt: Prompt, params: GenerationParams, *, chat: bool
     ) -> Generator[str, None, StreamStats]:
         pipe, tokenizer = self._pipe, self._tokenizer
         if pipe is None or tokenizer is None:
@@ -231,8 +241,10 @@ class OpenVINORuntime(Runtime):
         config = self._generation_config(params, min(params.max_tokens, room))
         out: queue.SimpleQueue[Any] = queue.SimpleQueue()
         abandoned = threading.Event()
-        streamer = _streamer_class()(tokenizer, out, stops=params.stop, stop_ids=self._stop_ids,
-                                     cancel=self._cancel_event, abandoned=abandoned)
+        streamer = _streamer_class()(tokenizer, out, stops=params.stop,
+                                     stop_ids=frozenset() if params.ignore_eos else self._stop_ids,
+                                     skip_ids=self._stop_ids, cancel=self._cancel_event,
+                                     abandoned=abandoned)
 
         def work() -> None:
             try:
@@ -313,6 +325,9 @@ class OpenVINORuntime(Runtime):
             )
         return self._nll_model
 
+    def _release_scoring(self) -> None:
+        self._nll_model = None  # the compiled scoring model is freed with its last reference
+
 
 @functools.cache
 def _streamer_class() -> type:
@@ -325,12 +340,13 @@ def _streamer_class() -> type:
         """Runs on the generating thread: counts tokens, decodes, cuts stop strings, stops."""
 
         def __init__(self, tokenizer: Any, out: queue.SimpleQueue[Any], *, stops: tuple[str, ...],
-                     stop_ids: frozenset[int], cancel: threading.Event,
+                     stop_ids: frozenset[int], skip_ids: frozenset[int], cancel: threading.Event,
                      abandoned: threading.Event) -> None:
             super().__init__()
             self._out = out
             self._stops = StopStrings(stops)
-            self._stop_ids = stop_ids
+            self._stop_ids = stop_ids  # end the generation (empty with ignore_eos)
+            self._skip_ids = skip_ids  # counted but never shown (end-of-generation tokens)
             self._cancel = cancel
             self._abandoned = abandoned
             self._text = openvino_genai.TextStreamer(tokenizer, self._on_text)
@@ -345,6 +361,8 @@ def _streamer_class() -> type:
                     self.finish = "stop"
                     return status.STOP
                 self.tokens += 1
+                if t in self._skip_ids:
+                    continue
                 self._text.write(t)
                 if self._stops.hit:
                     return status.STOP

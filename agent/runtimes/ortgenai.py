@@ -34,9 +34,12 @@ from agent.runtimes.base import (
     GenerationParams,
     LoadOptions,
     NllResult,
+    Prompt,
     Runtime,
     StopStrings,
     StreamStats,
+    chat_messages,
+    completion_text,
     nll_result,
     score_logits,
 )
@@ -144,24 +147,26 @@ class OrtGenAIRuntime(Runtime):
     def _encode(self, text: str) -> list[int]:
         return [int(t) for t in self._tokenizer.encode(text)]
 
-    def _prompt_tokens(self, prompt: str, chat: bool) -> list[int]:
+    def _prompt_tokens(self, prompt: Prompt, chat: bool) -> list[int]:
         if chat:
             if self._template is None:
                 raise InferenceError(
                     "this model has no chat template; pass LoadOptions(chat_template=...) at load"
                 )
-            messages = json.dumps([{"role": "user", "content": prompt}])
-            prompt = self._tokenizer.apply_chat_template(
+            messages = json.dumps(chat_messages(prompt))
+            text = self._tokenizer.apply_chat_template(
                 messages, template_str=self._template, add_generation_prompt=True
             )
-        tokens = self._encode(prompt)
+        else:
+            text = completion_text(prompt)
+        tokens = self._encode(text)
         # As llama.cpp: BOS first, unless the chat template already wrote it.
         if self._bos >= 0 and tokens[:1] != [self._bos]:
             tokens.insert(0, self._bos)
         return tokens
 
     def _stream(
-        self, prompt: str, params: GenerationParams, *, chat: bool
+        self, prompt: Prompt, params: GenerationParams, *, chat: bool
     ) -> Generator[str, None, StreamStats]:
         import onnxruntime_genai as og
 
@@ -184,6 +189,12 @@ class OrtGenAIRuntime(Runtime):
             search.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
         if params.seed is not None:
             search["random_seed"] = params.seed
+        if params.ignore_eos:
+            # An og.Generator whose search is done cannot go on (it then yields padding), so its
+            # end-of-sequence ids are masked until the wanted length instead: the same count of
+            # tokens, though after the point the model would have stopped the text is not
+            # llama.cpp's (which goes on past the token).
+            search["min_length"] = len(tokens) + max_tokens
         gen_params = og.GeneratorParams(model)
         gen_params.set_search_options(**search)
         generator = og.Generator(model, gen_params)

@@ -6,12 +6,29 @@ a second run reuses the HF checkpoint, the F16 reference and the quantized varia
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from packager.model import ModelInfo
 from packager.sample import SampleModel
+
+
+@pytest.fixture
+def forbid(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """``forbid(module, *names)``: calling any of them fails the test — how a cache hit is proven
+    (the converter did not run), rather than by how long the call took."""
+
+    def apply(module: ModuleType, *names: str) -> None:
+        for name in names:
+            def refuse(*_a: object, _name: str = name, **_kw: object) -> None:
+                raise AssertionError(f"{module.__name__}.{_name} ran: not a cache hit")
+
+            monkeypatch.setattr(module, name, refuse)
+
+    return apply
 
 
 @pytest.fixture(scope="session")

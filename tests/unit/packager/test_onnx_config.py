@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from need import need_module
 
 from agent.errors import ConvertError, PackagingError
 from packager.model import ModelInfo
@@ -107,7 +108,7 @@ def test_configs_without_per_layer_rope_are_left_alone(rope: dict[str, Any] | No
 
 
 def test_transformers_loads_the_adapted_config_with_what_the_builder_needs(tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
+    transformers = need_module("transformers", "transformers not installed (the packager extra)")
     (tmp_path / "config.json").write_text(json.dumps(adapt_config(SAMPLE_CONFIG)[0]))
     config = transformers.AutoConfig.from_pretrained(tmp_path)
     # transformers 5 keeps RoPE nested per layer type; the builder copies the top-level keys of

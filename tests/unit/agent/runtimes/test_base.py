@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from fakeruntime import FakeRuntime, reset
+from need import need_module
 
 import agent.runtimes as runtimes
 from agent.errors import InferenceError, RuntimeUnavailableError
@@ -219,7 +220,7 @@ def test_load_on_unavailable_runtime_raises_runtime_unavailable(model: Path) -> 
 
 
 def test_score_logits_matches_a_direct_softmax() -> None:
-    np = pytest.importorskip("numpy")
+    np = need_module("numpy", "numpy not installed (comes with every runtime extra)")
     rng = np.random.default_rng(0)
     logits = (rng.standard_normal((37, 1000)) * 8).astype(np.float32)
     targets = [int(t) for t in rng.integers(0, 1000, 37)]
