@@ -16,6 +16,9 @@ Shape (``schema`` 1)::
     {"schema": 1, "os", "arch", "cpu_model", "cpu_flags", "cores_logical", "cores_physical",
      "ram_bytes", "disk_free_bytes", "disk_path", "accelerators": [{"kind", "name", "source"}],
      "runtimes": {name: {"installed", "version", "devices", "error"}}, "hostname", "python"}
+
+With ``runtimes=True`` the llamacpp entry also has ``cpu_variant``: which CPU build of llama.cpp
+was loaded (the variant picked at run time by a binary built with every variant, or ``built-in``).
 """
 
 from __future__ import annotations
@@ -338,6 +341,17 @@ def _dist_version(dists: tuple[str, ...], origin: str | None = None) -> str | No
     return None
 
 
+def _llama_cpu_variant() -> str | None:
+    """The llama.cpp CPU backend this process has loaded: the variant ggml picked for this CPU in
+    a ``GGML_BACKEND_DL`` build (``libggml-cpu-<variant>.so``, e.g. ``haswell``), ``built-in`` for
+    a build with one CPU backend, None when none is loaded (or no /proc)."""
+    maps = _read(Path("/proc/self/maps")) or ""
+    variants = sorted(set(re.findall(r"/libggml-cpu-([\w.]+)\.so", maps)))
+    if variants:
+        return variants[0]
+    return "built-in" if "/libggml-cpu.so" in maps else None
+
+
 def _runtime(name: str, deep: bool) -> dict[str, Any]:
     entry = RUNTIMES[name]
     info: dict[str, Any] = {"installed": False, "version": None, "devices": None, "error": None}
@@ -353,6 +367,8 @@ def _runtime(name: str, deep: bool) -> dict[str, Any]:
             from agent.runtimes import get_runtime
 
             info["devices"] = get_runtime(name).describe()["devices"]
+            if name == "llamacpp":
+                info["cpu_variant"] = _llama_cpu_variant()
     except Exception as e:  # a broken install (bad wheel, missing .so) is a fact to report
         info["error"] = f"{type(e).__name__}: {e}"
     return info

@@ -26,6 +26,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The whole host parser (global options, then every subcommand)."""
     from fleet.cli import add_commands as add_fleet_commands
+    from packager.agent_binary import add_command as add_agent_binary_command
     from packager.cli import add_commands as add_packager_commands
 
     p = argparse.ArgumentParser(prog="edgepack", description="package models per device profile "
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model and build cache [EDGEPACK_CACHE, default ~/.cache/edgepack]")
     sub = p.add_subparsers(dest="cmd", required=True)
     add_packager_commands(sub)
+    add_agent_binary_command(sub)
     add_fleet_commands(sub)
     s = sub.add_parser("demo", help="sample -> bundle -> broker + agent -> install and infer over MQTT")
     s.add_argument("--prompt", default="The three things every hiker should carry are")

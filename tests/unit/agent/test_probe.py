@@ -13,6 +13,7 @@ from typing import Any
 
 import psutil
 import pytest
+from need import need
 
 import agent.probe as probe_mod
 from agent.probe import probe
@@ -169,6 +170,8 @@ def test_ai_pc_tree_finds_npu_igpu_dgpu(tmp_path: Path) -> None:
 def test_drm_gpu_needs_a_render_node(tmp_path: Path) -> None:
     write(tmp_path / "sys" / "class" / "drm" / "card0" / "device" / "vendor", "0x8086\n")
     assert probe(root=tmp_path)["accelerators"] == []
+    write(tmp_path / "dev" / "dri" / "renderD128", "")  # the control: with the node it counts
+    assert [a["kind"] for a in probe(root=tmp_path)["accelerators"]] == ["intel-gpu"]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Android runs a Linux kernel")
@@ -214,8 +217,7 @@ def test_runtimes_are_located_without_importing_them() -> None:
 def test_runtimes_true_reports_devices() -> None:
     rts = probe(runtimes=True)["runtimes"]
     llama = rts["llamacpp"]
-    if not llama["installed"]:
-        pytest.skip("llama-cpp-python not installed")
+    need(llama["installed"], "llama-cpp-python not installed (the llamacpp extra)")
     assert llama["error"] is None and llama["version"]
     assert llama["devices"] and llama["devices"][0] == "cpu"
 
