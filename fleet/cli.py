@@ -396,6 +396,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     s.add_argument("device")
     s.add_argument("request_id")
 
+    from fleet import simulator
+
+    s = command("simulate", "simulate N devices on the real protocol in one process (fleet scale)",
+                simulator.cmd_simulate)
+    simulator.add_arguments(s)
+
     from fleet.rollout_cli import add_commands as add_rollout_commands
 
     add_rollout_commands(sub, fsub)  # rollout start|status|pause|resume|abort|list, fleet controller
