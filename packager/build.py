@@ -6,9 +6,10 @@ variant once — profiles that want the same (runtime, format, precision, quant,
 that will serve it, and its own top-1 ids on the agent's fidelity probe (agent/fidelity.py) the
 same way, (4) per profile, refuse variants over the profile's quality budget (never signed),
 (5) write and sign one bundle per remaining profile, its manifest carrying the probe ids and the
-profile's ``min_agreement``, (6) write and sign the release (``release.json`` +
-``release.json.sig``: every bundle of this build by profile, agent/bundle/release.py) and the
-build report.
+profile's ``min_agreement``, and, when the user chose the precision (``overrides``) or the quality
+budget (``max_loss_pct``), the plan's :class:`~packager.plan.Choice` (``choice``), (6) write and
+sign the release (``release.json`` + ``release.json.sig``: every bundle of this build by profile,
+agent/bundle/release.py) and the build report.
 """
 
 from __future__ import annotations
@@ -31,15 +32,15 @@ from agent.errors import PackagingError, QualityBudgetError
 from agent.profiles import DeviceProfile
 from packager.bundler import file_entries, write_bundle
 from packager.model import READY_FORMATS, ModelInfo, chat_template_in
-from packager.plan import BuildPlan, ProfilePlan, Variant, plan
+from packager.plan import CPU_PROXY_FORMATS, BuildPlan, Override, ProfilePlan, Variant, plan
 from packager.quality import QualityReport, check_budget
 
 log = logging.getLogger("packager.build")
 
 PAYLOAD_NAME = {"gguf": "model.gguf"}  # single-file formats; folders ship under FOLDER_NAME
 FOLDER_NAME = "model"
-# Formats whose device builds only load on that device: their quality is scored on the CPU build.
-CPU_PROXY_FORMATS = frozenset({"onnx"})
+# CPU_PROXY_FORMATS (from packager.plan, which checks those builds too): formats whose device
+# builds only load on that device; their quality is scored on the CPU build.
 # format -> (module, build function, reference function); imported only when that format is built.
 # A build function is f(model, variant, out_dir, *, cache_dir, threads) -> file or folder, a
 # reference function f(model, cache_dir, *, threads) -> the full-precision artifact to score against.
@@ -66,7 +67,8 @@ class BuiltBundle:
                 "version": m.version, "runtime": m.target.runtime, "format": m.target.format,
                 "precision": m.target.precision, "quant": m.target.quant, "device": m.target.device,
                 "size_bytes": self.size_bytes, "sha256": self.sha256,
-                "manifest_digest": self.manifest_digest, "quality": m.quality}
+                "manifest_digest": self.manifest_digest, "quality": m.quality,
+                "choice": m.choice or {"by": "profile"}}
 
 
 @dataclass
@@ -126,12 +128,34 @@ class BuildReport:
         lines += [f"| {b.profile} | {b.path.name} | {b.manifest.version} |" for b in self.bundles]
         if self.release:
             lines += ["", f"Release (signed, every bundle above by profile): `{Path(self.release).name}`"]
+        chosen = [f"- **{b.profile}**: {describe_choice(b.manifest.choice)}"
+                  for b in self.bundles if b.manifest.choice]
+        if chosen:
+            lines += ["", "## Chosen on the command line (recorded in the signed manifest)", "",
+                      *chosen]
         sections = (("Refused (plan)", self.refused), ("Refused (quality budget)", self.over_budget))
         for title, refusals in sections:
             if refusals:
                 lines += ["", f"## {title}", ""]
                 lines += [f"- **{p}**: {why}" for p, why in refusals.items()]
         return "\n".join(lines) + "\n"
+
+
+def describe_choice(choice: dict[str, Any]) -> str:
+    """A manifest's ``choice`` in words (see :meth:`packager.plan.Choice.to_dict`)."""
+    parts = []
+    if choice.get("by") == "user":
+        own = choice.get("profile_choice")
+        parts.append(f"{choice.get('requested')} chosen by the user; the profile would have chosen "
+                     + (f"{own['quant']} ({own['precision']})" if own else
+                        f"nothing ({choice.get('profile_refused', 'refused')})"))
+        if choice.get("forced"):
+            parts.append(f"over the RAM budget of {choice.get('ram_budget_bytes', 0) / 2**30:.2f} "
+                         "GiB, built with --force")
+    if choice.get("max_loss_pct") is not None:
+        parts.append(f"quality budget {choice['max_loss_pct']:g}% (--max-loss; the profile's "
+                     f"{choice.get('profile_max_loss_pct', 0):g}%)")
+    return "; ".join(parts) or "chosen by the profile"
 
 
 def model_slug(name: str) -> str:
@@ -291,6 +315,7 @@ def _manifest(model: ModelInfo, pp: ProfilePlan, payload: dict[str, Path], entry
         fidelity=fidelity,
         source={"kind": model.source_kind, "digest": model.source_digest, "name": model.name,
                 "n_params": model.n_params, "native_quant": model.native_quant},
+        choice=pp.choice.to_dict() if pp.choice.recorded else {},
         signer_key_id=key.key_id,
         created=now.strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
@@ -333,6 +358,9 @@ def build(
     threads: int = 0,
     now: datetime | None = None,
     speed: bool = True,
+    overrides: dict[str, Override] | None = None,
+    force: bool = False,
+    max_loss_pct: float | None = None,
 ) -> BuildReport:
     """Build, gate and sign one bundle per profile.
 
@@ -346,6 +374,11 @@ def build(
         threads: threads for quantization and measurement (0 = all cores).
         now: the build time (read once).
         speed: also measure each variant's TTFT and decode rate on this host for the report.
+        overrides: profile name -> the precision the user chose (replaces its quant and
+            fallbacks; see :func:`packager.plan.plan`).
+        force: build overrides over their profile's RAM budget anyway (recorded).
+        max_loss_pct: the quality budget (perplexity increase, %) for every profile of this
+            build, replacing theirs (recorded).
 
     Returns:
         The report: bundles written, profiles refused by the plan or the quality budget, and the
@@ -353,10 +386,12 @@ def build(
 
     Raises:
         PackagingError: a conversion or quantization failed.
+        PlanError: an override names a profile not being built, or ``force`` without one.
     """
     now = now or datetime.now(UTC)
     version = bundle_version if bundle_version is not None else int(now.strftime("%Y%m%d%H%M%S"))
-    bp: BuildPlan = plan(profiles, model)
+    bp: BuildPlan = plan(profiles, model, overrides=overrides, force=force,
+                         max_loss_pct=max_loss_pct)
     report = BuildReport(model=model.to_dict(), refused=dict(bp.refused))
     if speed:
         from packager.report import machine_note
@@ -393,10 +428,10 @@ def build(
     for name, pp in bp.profiles.items():
         q = qualities[pp.variant.key]
         try:  # (4) the gate: an over-budget variant is never signed for this profile
-            check_budget(q, pp.profile)
+            check_budget(q, pp.profile, max_loss_pct=pp.choice.max_loss_pct)
         except QualityBudgetError as e:
             log.error("%s", e)
-            report.over_budget[name] = str(e)
+            report.over_budget[name] = f"{e} ({e.diagnostics()})"
             continue
         payload, entrypoint = payload_files(artifacts[pp.variant.key], pp.variant.format)
         m = _manifest(model, pp, payload, entrypoint, q.to_manifest(), key, version, now, template,

@@ -19,6 +19,7 @@ from agent.errors import ProfileError
 if TYPE_CHECKING:
     from agent.profiles import DeviceProfile
     from packager.model import ModelInfo
+    from packager.plan import Override
 
 log = logging.getLogger("packager")
 
@@ -49,6 +50,16 @@ def _selected_profiles(args: argparse.Namespace) -> list[DeviceProfile]:
         raise ProfileError(f"unknown profile(s): {', '.join(missing)}",
                            hint=f"Known profiles: {', '.join(allp)}")
     return [allp[p] for p in args.profile]
+
+
+def _overrides(args: argparse.Namespace, profiles: list[DeviceProfile]) -> dict[str, Override]:
+    """--precision / --quant for every selected profile, then each --override PROFILE=VALUE."""
+    from packager.plan import Override
+
+    every = args.precision or args.quant
+    out = {p.name: Override(every) for p in profiles} if every else {}
+    out.update(Override.parse_pair(text) for text in args.override or ())
+    return out
 
 
 def _model(args: argparse.Namespace) -> ModelInfo:
@@ -137,17 +148,23 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from packager.plan import plan
+    from packager.plan import plan, ram_budget_bytes
 
-    bp = plan(_selected_profiles(args), _model(args))
+    profiles = _selected_profiles(args)
+    bp = plan(profiles, _model(args), overrides=_overrides(args, profiles), force=args.force,
+              max_loss_pct=args.max_loss)
     if args.json:
-        _dump({"profiles": {n: {"variant": p.variant.key, "estimate_bytes": p.estimate.total_bytes,
-                                "context": p.context, "reasons": list(p.reasons)}
+        _dump({"profiles": {n: {"variant": p.variant.key, "precision": p.variant.precision,
+                                "quant": p.variant.quant, "estimate_bytes": p.estimate.total_bytes,
+                                "ram_budget_bytes": ram_budget_bytes(p.profile),
+                                "max_loss_pct": p.max_loss_pct, "context": p.context,
+                                "choice": p.choice.to_dict(), "reasons": list(p.reasons)}
                             for n, p in bp.profiles.items()},
                "refused": bp.refused, "variants": [v.key for v in bp.variants]})
         return 0
     for n, p in bp.profiles.items():
-        print(f"{n:18s} -> {p.variant.key:28s} {p.estimate}")
+        chosen = " (chosen by the user)" if p.choice.by == "user" else ""
+        print(f"{n:18s} -> {p.variant.key:28s} {p.estimate}{chosen}")
         for r in p.reasons:
             _err(f"    {r}")
     for n, why in bp.refused.items():
@@ -178,8 +195,11 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     key = load_signing_key(args.key)
     cache = _cache(args)
-    report = build(_model(args), _selected_profiles(args), key, Path(args.output),
-                   cache_dir=cache, bundle_version=args.bundle_version, threads=args.threads)
+    profiles = _selected_profiles(args)
+    report = build(_model(args), profiles, key, Path(args.output),
+                   cache_dir=cache, bundle_version=args.bundle_version, threads=args.threads,
+                   overrides=_overrides(args, profiles), force=args.force,
+                   max_loss_pct=args.max_loss)
     if args.json:
         _dump(report.to_dict())
     else:
@@ -216,6 +236,10 @@ def cmd_bundle_inspect(args: argparse.Namespace) -> int:
     elif q:
         print(f"quality:   {q.get('metric')} {q.get('ppl', 0):.3f}, not measured against a reference "
               f"(a ready folder, shipped as it is)")
+    if m.choice:
+        from packager.build import describe_choice
+
+        print(f"chosen:    {describe_choice(m.choice)}")
     print(f"requires:  arch {', '.join(m.requirements.arch) or 'any'}, RAM "
           f"{m.requirements.min_ram_bytes / 2**30:.2f} GiB")
     for f in m.files:
@@ -282,6 +306,24 @@ def _add_profile_selection(s: argparse.ArgumentParser) -> None:
     g.add_argument("--all-profiles", action="store_true")
 
 
+def _add_precision_choice(s: argparse.ArgumentParser) -> None:
+    from agent.profiles.schema import GGUF_QUANTS, PRECISIONS
+
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--precision", choices=PRECISIONS,
+                   help="build every selected profile at this precision instead of its own choice")
+    g.add_argument("--quant", choices=sorted(GGUF_QUANTS),
+                   help="the same with a llama.cpp quant (GGUF profiles only)")
+    s.add_argument("--override", action="append", metavar="PROFILE=VALUE",
+                   help="a precision or GGUF quant for one profile (repeatable; wins over "
+                   "--precision / --quant)")
+    s.add_argument("--force", action="store_true",
+                   help="build an override over its profile's RAM budget anyway (recorded)")
+    s.add_argument("--max-loss", type=float, metavar="PCT",
+                   help="quality budget (perplexity increase, %%) replacing the profiles' for "
+                   "this build (recorded)")
+
+
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``profiles``, ``model``, ``plan``, ``keys``, ``build``, ``bundle`` and ``release`` to
     the host CLI.
@@ -323,6 +365,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     s = sub.add_parser("plan", help="what each profile would get, without building")
     s.add_argument("--model", required=True)
     _add_profile_selection(s)
+    _add_precision_choice(s)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_plan)
 
@@ -338,6 +381,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     s.add_argument("--model", required=True,
                    help="HF folder, .gguf file, hub id, or 'sample' (Gemma 3 270M)")
     _add_profile_selection(s)
+    _add_precision_choice(s)
     s.add_argument("--key", required=True, help="private key from 'edgepack keys generate'")
     s.add_argument("-o", "--output", required=True, help="folder for bundles and the report")
     s.add_argument("--bundle-version", type=int, help="monotonic version (default: UTC timestamp)")

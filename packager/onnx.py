@@ -250,6 +250,15 @@ def check_request(model: ModelInfo, precision: str, device: str,
     return checked
 
 
+def check_variant(model: ModelInfo, variant: Variant) -> None:
+    """:func:`check_request` of a planned variant: the planner's converter check (packager.plan).
+
+    Raises:
+        PackagingError: what :func:`build_onnx_variant` would refuse the variant with.
+    """
+    check_request(model, variant.precision, variant.device, dict(variant.options))
+
+
 # --- (c) the build ----------------------------------------------------------------------------
 
 

@@ -233,6 +233,15 @@ def variant_spec(variant: Variant) -> ExportSpec:
     return export_spec(variant.precision, variant.device, dict(getattr(variant, "options", ())))
 
 
+def check_variant(model: ModelInfo, variant: Variant) -> None:
+    """The planner's converter check (packager.plan): :func:`variant_spec`, without exporting.
+
+    Raises:
+        PackagingError: what :func:`build_openvino_variant` would refuse the variant's options with.
+    """
+    variant_spec(variant)
+
+
 def export_command(python: Path, hf_dir: Path, out: Path, spec: ExportSpec, *,
                    threads: int = 0) -> list[str]:
     """The converter command: the wrapper, its check options, then optimum-cli's arguments. Pure."""

@@ -240,17 +240,20 @@ def _quant_name(path: Path) -> str:
     return path.name
 
 
-def check_budget(report: QualityReport, profile: DeviceProfile) -> None:
+def check_budget(report: QualityReport, profile: DeviceProfile, *,
+                 max_loss_pct: float | None = None) -> None:
     """Refuse a variant that loses more perplexity than the profile allows. Pure.
 
     Args:
         report: the measured quality.
         profile: the device class whose ``budget.max_ppl_increase_pct`` applies.
+        max_loss_pct: a budget replacing the profile's for this build (``--max-loss``).
 
     Raises:
         QualityBudgetError: ``delta_pct`` exceeds the budget or is not a finite number.
     """
-    budget = profile.budget.max_ppl_increase_pct
+    own = profile.budget.max_ppl_increase_pct
+    budget = own if max_loss_pct is None else max_loss_pct
     measured = report.delta_pct
     if measured is None:
         # A ready folder ships as it is: there is nothing to compare it with, and the manifest
@@ -261,8 +264,13 @@ def check_budget(report: QualityReport, profile: DeviceProfile) -> None:
     if math.isfinite(measured) and measured <= budget:
         return
     loss = f"{measured:.1f}%" if math.isfinite(measured) else f"a non-finite ({measured})"
-    raise QualityBudgetError(
+    allows = (f"the profile allows {budget:.1f}%" if max_loss_pct is None else
+              f"--max-loss allows {budget:.1f}% (the profile {own:.1f}%)")
+    err = QualityBudgetError(
         f"variant {report.variant} for profile {profile.name} loses {loss} perplexity "
-        f"({report.reference_ppl or math.nan:.1f} -> {report.ppl:.1f}); the profile allows {budget:.1f}%",
+        f"({report.reference_ppl or math.nan:.1f} -> {report.ppl:.1f}); {allows}",
         profile=profile.name, measured_pct=measured, budget_pct=budget,
     )
+    err.hint = ("--max-loss PCT replaces the quality budget for one build (the manifest records "
+                "it); or choose a higher precision (--precision, --quant, --override).")
+    raise err

@@ -212,6 +212,9 @@ class Manifest:
     # without one (the gate then reports the check as not done).
     fidelity: Fidelity | None = None
     source: dict[str, Any] = field(default_factory=dict)  # kind, digest of the source model
+    # Who chose the precision when not the profile (``by: "user"``, what was requested, what the
+    # profile would have chosen, RAM forced, a replaced quality budget); empty: the profile chose.
+    choice: dict[str, Any] = field(default_factory=dict)
     signer_key_id: str = ""
     created: str = ""  # ISO 8601 UTC, informational only (never used for trust)
     format_version: str = FORMAT_VERSION
@@ -293,6 +296,8 @@ class Manifest:
         )
         if self.fidelity is not None:  # absent, not null: older manifests keep their exact bytes
             d["fidelity"] = self.fidelity.to_dict()
+        if self.choice:  # absent when the profile chose, likewise
+            d["choice"] = self.choice
         return d
 
     def to_bytes(self) -> bytes:
@@ -325,14 +330,15 @@ class Manifest:
         for name, v in (("requirements", r), ("signer", signer)):
             if not isinstance(v, dict):
                 raise ManifestError(f"manifest.{name} must be an object")
-        for name in ("generation", "quality", "slo", "source"):
+        for name in ("generation", "quality", "slo", "source", "choice"):
             if not isinstance(d.get(name, {}), dict):
                 raise ManifestError(f"manifest.{name} must be an object")
         arch = r.get("arch", [])
         if not isinstance(arch, list) or not all(isinstance(a, str) for a in arch):
             raise ManifestError("requirements.arch must be a list of strings")
         known = {"format_version", "model", "profile", "target", "files", "requirements",
-                 "generation", "quality", "slo", "fidelity", "source", "signer", "created"}
+                 "generation", "quality", "slo", "fidelity", "source", "choice", "signer",
+                 "created"}
         fidelity = Fidelity.from_dict(d["fidelity"]) if "fidelity" in d else None
         return cls(
             format_version=fv,
@@ -358,6 +364,7 @@ class Manifest:
             slo=dict(d.get("slo", {})),
             fidelity=fidelity,
             source=dict(d.get("source", {})),
+            choice=dict(d.get("choice", {})),
             signer_key_id=str(signer.get("key_id", "")),
             created=str(d.get("created", "")),
             unrecognized=_split(d, known),

@@ -10,7 +10,7 @@ import pytest
 from agent.errors import PlanError
 from agent.profiles.schema import DeviceProfile, load_profiles
 from packager.model import ModelInfo, shape_from_hf_config
-from packager.plan import GIB, Variant, estimate_bytes, plan, plan_profile
+from packager.plan import GIB, Override, Variant, estimate_bytes, plan, plan_profile
 
 # microsoft/Phi-3.5-mini-instruct config.json (the values the planner reads)
 PHI35_CONFIG = {
@@ -190,3 +190,158 @@ def test_a_device_the_converter_cannot_target_is_refused_with_the_buildable_ones
     qnn = profile("npu-pc", min_ram_gb=16, runtime="ortgenai", fmt="onnx", quant="", device="qnn")
     with pytest.raises(PlanError, match=r"onnx cannot be built for device qnn \(buildable: cpu, cuda, dml\)"):
         plan_profile(qnn, GEMMA)
+
+
+# --- precision overrides (--precision, --quant, --override; --force, --max-loss) -----------------
+
+PI = profile("pi", min_ram_gb=4, ram_budget_gb=3.3, fallbacks=("Q4_0",))
+PHONE = profile("phone", min_ram_gb=6, runtime="ortgenai", fmt="onnx", quant="",
+                options={"block_size": 32, "accuracy_level": 4})
+
+
+def test_a_quant_override_replaces_the_profiles_quant_and_fallbacks() -> None:
+    pp = plan_profile(PI, GEMMA, override=Override("Q5_K_M"))
+    assert pp.variant == Variant("llamacpp", "gguf", "int4", "Q5_K_M", "cpu")
+    assert pp.choice.by == "user" and pp.choice.requested == "Q5_K_M"
+    assert pp.choice.profile_variant is not None and pp.choice.profile_variant.quant == "Q4_K_M"
+    d = pp.choice.to_dict()
+    assert d["profile_choice"]["quant"] == "Q4_K_M" and d["forced"] is False
+    assert d["profile_choice"]["estimate_bytes"] == estimate_bytes(GEMMA, "Q4_K_M", 2048).total_bytes
+    assert any("Q5_K_M chosen by the user; the profile would choose Q4_K_M" in r for r in pp.reasons)
+    assert pp.max_loss_pct == 10.0  # the profile's quality budget still applies
+
+
+def test_a_precision_override_on_gguf_takes_the_profiles_quant_of_it_or_the_default() -> None:
+    assert plan_profile(PI, GEMMA, override=Override("int8")).variant.quant == "Q8_0"
+    assert plan_profile(PI, GEMMA, override=Override("fp32")).variant.quant == "F32"
+    q4_0 = profile("q4-0", min_ram_gb=4, quant="Q4_0")
+    assert plan_profile(q4_0, GEMMA, override=Override("int4")).variant.quant == "Q4_0"
+
+
+def test_a_precision_override_on_onnx_keeps_the_profiles_runtime_device_and_options() -> None:
+    pp = plan_profile(PHONE, GEMMA, override=Override("int8"))
+    v = pp.variant
+    assert (v.runtime, v.format, v.precision, v.quant, v.device) == ("ortgenai", "onnx", "int8",
+                                                                     "int8", "cpu")
+    assert dict(v.options) == {"block_size": 32, "accuracy_level": 4}
+    assert pp.choice.profile_variant is not None and pp.choice.profile_variant.precision == "int4"
+
+
+def test_a_gguf_quant_for_an_onnx_profile_is_refused_asking_for_a_precision() -> None:
+    with pytest.raises(PlanError, match=r"Q5_K_M is a llama\.cpp \(GGUF\) quant") as e:
+        plan_profile(PHONE, GEMMA, override=Override("Q5_K_M"))
+    assert "int4, int8, fp16, fp32" in e.value.diagnostics()
+
+
+def test_fp16_onnx_on_cpu_for_a_gqa_model_is_refused_with_the_converters_reason() -> None:
+    with pytest.raises(PlanError, match=r"grouped-query attention \(1 KV heads < 4 heads\)"):
+        plan_profile(PHONE, GEMMA, override=Override("fp16"))
+    # DirectML builds fp16, but the quality is scored on the CPU build, which cannot run it
+    dml = profile("dml-pc", min_ram_gb=16, runtime="ortgenai", fmt="onnx", quant="", device="dml")
+    with pytest.raises(PlanError, match="the cpu build its quality is scored on") as e:
+        plan_profile(dml, GEMMA, override=Override("fp16"))
+    assert "fp16 ONNX on CPU is refused" in str(e.value) and e.value.diagnostics()
+    # Phi-3.5 has as many KV heads as heads: the builder's own limit is the reason (forced: its
+    # fp16 is also over the phone's RAM budget, which is checked first)
+    with pytest.raises(PlanError, match="fp16 only for cuda and dml"):
+        plan_profile(PHONE, PHI, override=Override("fp16"), force=True)
+    cuda = profile("cuda-box", min_ram_gb=32, runtime="ortgenai", fmt="onnx", quant="",
+                   device="cuda")
+    with pytest.raises(PlanError, match="scored on"):  # int8 cuda builds; its CPU proxy is fine
+        plan_profile(cuda, GEMMA, override=Override("fp16"))
+    assert plan_profile(cuda, GEMMA, override=Override("int8")).variant.key == "ortgenai-onnx-int8-cuda"
+
+
+def test_an_openvino_override_the_options_do_not_fit_is_refused_with_the_exporters_reason() -> None:
+    pc = profile("ai-pc", min_ram_gb=16, runtime="openvino", fmt="openvino-ir", quant="",
+                 options={"group_size": 64})
+    assert plan_profile(pc, GEMMA, override=Override("int4")).variant.precision == "int4"
+    with pytest.raises(PlanError, match="group_size do not apply to fp16 weights"):
+        plan_profile(pc, GEMMA, override=Override("fp16"))
+
+
+def test_an_override_over_the_ram_budget_is_refused_with_the_numbers_unless_forced() -> None:
+    with pytest.raises(PlanError) as e:
+        plan_profile(IOT_4GB, PHI, override=Override("F16"))
+    msg, hint = str(e.value), e.value.diagnostics()
+    assert msg.startswith(f"F16 needs {estimate_bytes(PHI, 'F16', 2048)} (chosen by the user)")
+    assert "over the RAM budget of 3.30 GiB (ram_budget_gb 3.3) of profile iot-4gb" in msg
+    assert "--force" in hint and "the profile itself would choose Q4_K_M" in hint
+    pp = plan_profile(IOT_4GB, PHI, override=Override("F16"), force=True)
+    assert pp.variant.quant == "F16" and pp.choice.forced
+    assert pp.estimate.total_bytes > 3.3 * GIB  # the manifest's RAM requirement stays honest
+    assert pp.choice.to_dict()["ram_budget_bytes"] == int(3.3 * GIB)
+    assert any("built anyway (forced)" in r for r in pp.reasons)
+    # an override that fits is not "forced" just because --force was given
+    assert not plan_profile(IOT_4GB, PHI, override=Override("Q4_0"), force=True).choice.forced
+
+
+def test_an_override_of_a_profile_that_fits_nothing_says_the_profile_would_refuse() -> None:
+    f16_only = profile("f16-4gb", min_ram_gb=4, precision="fp16", quant="F16")
+    pp = plan_profile(f16_only, PHI, override=Override("int4"))
+    assert pp.variant.quant == "Q4_K_M"
+    assert pp.choice.profile_variant is None and "does not fit" in pp.choice.profile_refused
+    assert pp.choice.to_dict()["profile_choice"] is None
+
+
+def test_per_profile_overrides_leave_the_other_profiles_to_their_own_choice() -> None:
+    bp = plan([PI, PC_16GB, IOT_4GB], GEMMA,
+              overrides={"pi": Override("Q8_0"), "iot-4gb": Override("Q5_K_M")})
+    assert bp.refused == {}
+    assert bp.profiles["pi"].variant.quant == "Q8_0"
+    assert bp.profiles["iot-4gb"].variant.quant == "Q5_K_M"
+    own = bp.profiles["x86-pc-16gb"]
+    assert own.variant.quant == "Q8_0" and own.choice.by == "profile" and not own.choice.recorded
+    assert own.choice.to_dict() == {"by": "profile"}
+    # the user's Q8_0 for the Pi and the PC's own Q8_0 are one build (same variant)
+    assert [v.quant for v in bp.variants] == ["Q8_0", "Q5_K_M"]
+
+
+def test_a_refused_override_is_collected_with_its_hint() -> None:
+    bp = plan([IOT_4GB, PC_16GB], PHI, overrides={"iot-4gb": Override("F16")})
+    assert "x86-pc-16gb" in bp.profiles
+    assert "over the RAM budget" in bp.refused["iot-4gb"] and "--force" in bp.refused["iot-4gb"]
+
+
+def test_max_loss_replaces_the_quality_budget_for_every_profile_and_is_recorded() -> None:
+    bp = plan([PI, PC_16GB], GEMMA, overrides={"pi": Override("Q5_K_M")}, max_loss_pct=30.0)
+    for pp in bp.profiles.values():
+        assert pp.max_loss_pct == 30.0 and pp.choice.recorded
+        assert pp.choice.to_dict()["max_loss_pct"] == 30.0
+        assert pp.choice.to_dict()["profile_max_loss_pct"] == 10.0
+    assert bp.profiles["x86-pc-16gb"].choice.to_dict()["by"] == "profile"
+    with pytest.raises(PlanError, match=">= 0"):
+        plan([PI], GEMMA, max_loss_pct=-1.0)
+
+
+def test_an_override_for_a_profile_not_built_and_force_without_override_are_errors() -> None:
+    with pytest.raises(PlanError, match="override for raspberry-pi-5, which is not being built"):
+        plan([PI], GEMMA, overrides={"raspberry-pi-5": Override("Q5_K_M")})
+    with pytest.raises(PlanError, match="--force lifts the RAM refusal of a precision override"):
+        plan([PI], GEMMA, force=True)
+
+
+def test_override_values_and_pairs_are_validated() -> None:
+    assert Override.parse_pair("raspberry-pi-5=Q5_K_M") == ("raspberry-pi-5", Override("Q5_K_M"))
+    assert Override.parse_pair("x86-64-cpu=fp32") == ("x86-64-cpu", Override("fp32"))
+    assert Override("int8").is_quant is False and Override("Q8_0").is_quant is True
+    with pytest.raises(PlanError, match="neither a precision"):
+        Override("Q3_K_XL")
+    for bad in ("raspberry-pi-5", "=Q5_K_M"):
+        with pytest.raises(PlanError, match="PROFILE=PRECISION_OR_QUANT"):
+            Override.parse_pair(bad)
+
+
+def test_the_report_and_bundle_inspect_describe_the_users_choice() -> None:
+    from packager.build import describe_choice
+
+    forced = plan_profile(IOT_4GB, PHI, override=Override("F16"), force=True).choice
+    assert describe_choice(forced.to_dict()) == (
+        "F16 chosen by the user; the profile would have chosen Q4_K_M (int4); over the RAM budget "
+        "of 3.30 GiB, built with --force")
+    f16_only = profile("f16-4gb", min_ram_gb=4, precision="fp16", quant="F16")
+    rescued = plan_profile(f16_only, PHI, override=Override("int4"), max_loss_pct=12.5).choice
+    text = describe_choice(rescued.to_dict())
+    assert text.startswith("int4 chosen by the user; the profile would have chosen nothing (")
+    assert "does not fit" in text and text.endswith("quality budget 12.5% (--max-loss; the "
+                                                    "profile's 10%)")

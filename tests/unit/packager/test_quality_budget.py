@@ -72,3 +72,14 @@ def test_eval_text_is_shipped_with_a_stable_digest() -> None:
     assert 1500 <= len(text.split()) <= 2500
     assert len(sha) == 64
     assert eval_text()[1] == sha
+
+
+def test_max_loss_replaces_the_profiles_budget_and_says_so() -> None:
+    from packager.quality import check_budget
+
+    check_budget(report(15.14), PI, max_loss_pct=25.0)  # +23.1% within --max-loss 25
+    with pytest.raises(QualityBudgetError) as e:
+        check_budget(report(15.14), PI, max_loss_pct=20.0)
+    assert str(e.value).endswith("--max-loss allows 20.0% (the profile 15.0%)")
+    assert e.value.budget_pct == 20.0
+    assert "--max-loss PCT" in e.value.diagnostics()

@@ -74,3 +74,18 @@ def test_invalid_manifests_are_refused(signing_key, mutate, match):
 def test_unsafe_paths_are_refused(bad):
     with pytest.raises(ManifestError):
         check_member_path(bad)
+
+
+def test_choice_round_trips_and_is_absent_when_the_profile_chose(signing_key):
+    import dataclasses
+
+    m = manifest(signing_key)
+    assert "choice" not in m.to_dict()  # older manifests keep their exact bytes
+    chosen = {"by": "user", "requested": "Q5_K_M", "forced": True,
+              "profile_choice": {"quant": "Q4_K_M", "precision": "int4"}}
+    m2 = Manifest.from_bytes(dataclasses.replace(m, choice=chosen).to_bytes())
+    assert m2.choice == chosen and m2.unrecognized == {}
+    d = m.to_dict()
+    d["choice"] = "user"
+    with pytest.raises(ManifestError, match=r"manifest\.choice must be an object"):
+        Manifest.from_dict(d)
