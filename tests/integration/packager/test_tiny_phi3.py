@@ -165,6 +165,10 @@ def test_an_eos_first_model_stops_at_once(runtime, tiny_phi3_eos_first, out_dir,
     for kwargs in ({}, {"chat": True}, {"temperature": 1.0, "seed": 3}):
         text, usage, _ = generate(runtime, 8, **kwargs)  # type: ignore[arg-type]
         assert (text, usage.completion_tokens, usage.finish_reason) == ("", 0, "stop"), kwargs
+    # ignore_eos (what the gate benchmarks with): on through EOS to max_tokens.
+    for kwargs in ({}, {"chat": True}):
+        _, usage, _ = generate(runtime, 8, ignore_eos=True, **kwargs)  # type: ignore[arg-type]
+        assert (usage.completion_tokens, usage.finish_reason) == (8, "length"), kwargs
 
 
 # --- ONNX through onnxruntime-genai, OpenVINO IR through openvino-genai ------------------------------
