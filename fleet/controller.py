@@ -5,7 +5,8 @@ Thin I/O around the state machine (:mod:`fleet.rollout`): MQTT in, SQLite, MQTT 
 - One MQTT session with a fixed client id (``edgepack-controller-<fleet>``) and a persistent
   session (a day by default): replies and install events that arrive while the controller is
   down are queued by the broker and delivered when it returns. It follows the fleet's retained
-  ``birth`` and ``state`` (the inventory), every device's ``events``, and its own reply topic.
+  ``birth`` and ``state`` (the inventory), every device's ``events``, and its replies
+  (``<device>/reply/<client id>``: the device level says who answered).
 - Each loop: (1) take the messages that arrived (paho's thread only queues them), (2) fold births
   and states into the inventory and feed every event to its rollout, (3) apply operator commands
   and start new rollouts (``edgepack rollout start`` writes them to the database), (4) tick the
@@ -37,12 +38,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.bundle.release import verify_release
-
 from agent import _systemd as systemd
 from agent.bundle import load_keyring
+from agent.bundle.release import verify_release
 from agent.errors import EdgepackError, TransportError
 from agent.protocol import (
+    COMMAND_EXPIRY,
     InstallRequest,
     ProtocolError,
     Reply,
@@ -51,7 +52,7 @@ from agent.protocol import (
     decode_object,
     fleet_filter,
     parse_topic,
-    reply_topic,
+    reply_filter,
 )
 from agent.transport.mqtt import Message, MqttTransport
 from fleet.inventory import DeviceRecord, Inventory
@@ -73,6 +74,7 @@ log = logging.getLogger("fleet.controller")
 
 SETTLE_SECONDS = 1.0  # quiet time after the last new birth before a new rollout is planned
 MAX_BATCH = 20_000  # messages handled per loop before the batch is written
+BATCH_LINGER = 0.05  # seconds to gather more messages into one transaction
 SESSION_EXPIRY = 86_400  # seconds the broker keeps our session (and what is sent to us) offline
 
 
@@ -117,8 +119,9 @@ class Controller:
         self.keyring = load_keyring(config.keyring)
         self.store = FleetStore(config.db, writer=True)
         self.inventory = Inventory(config.fleet)
+        self.health: Inventory | None = None  # the devices' health, once follow_health() asked
         self.client_id = config.client_id or f"edgepack-controller-{config.fleet}"
-        self.reply_topic = reply_topic(config.fleet, self.client_id)
+        self.reply_filter = reply_filter(config.fleet, self.client_id)
         self.rollouts: dict[str, Rollout] = {}
         self._inbox: queue.Queue[Message] = queue.Queue()
         self._stop = threading.Event()
@@ -131,10 +134,13 @@ class Controller:
         self.counters = {"messages": 0, "dispatched": 0, "rollbacks": 0, "rejected": 0}
         self.transport = transport_factory(
             config.broker_url, self.client_id, username=config.username, password=config.password,
-            ca_file=config.ca_file, session_expiry=config.session_expiry)
+            ca_file=config.ca_file, session_expiry=config.session_expiry,
+            # The session survives a restart but the inventory does not: the retained births and
+            # states must come again, or every pending device would look offline.
+            replay_retained=True)
         for kind in ("birth", "state", "events"):
             self.transport.subscribe(fleet_filter(config.fleet, kind), qos=1, handler=self._inbox.put)
-        self.transport.subscribe(self.reply_topic, qos=1, handler=self._inbox.put)
+        self.transport.subscribe(self.reply_filter, qos=1, handler=self._inbox.put)
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -166,10 +172,22 @@ class Controller:
                 self.rollouts[rid] = r
         self.transport.start()
         self.transport.wait_connected(30)
+        # Settling counts from the subscriptions, not from zero: the retained births come only
+        # after them, and a rollout planned before they arrive would have no targets.
+        self._last_new_device = self.clock()
         log.info("controller %s: %d active rollout(s)", self.client_id, len(self.rollouts))
 
     def wait_ready(self, timeout: float) -> bool:
         return self._ready.wait(timeout)
+
+    def follow_health(self) -> Inventory:
+        """Also follow the devices' retained health (the console shows it), in a table of its own:
+        what the rollouts see (births and states in :attr:`inventory`) does not change."""
+        if self.health is None:
+            self.health = Inventory(self.config.fleet)
+            self.transport.subscribe(fleet_filter(self.config.fleet, "health"), qos=0,
+                                     handler=self._inbox.put)
+        return self.health
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -189,9 +207,12 @@ class Controller:
             msgs = [self._inbox.get(timeout=block)] if block > 0 else []
         except queue.Empty:
             msgs = []
-        while len(msgs) < MAX_BATCH:
+        # Group commit: once something arrived, gather what follows for up to BATCH_LINGER, so a
+        # wave's replies cost a few transactions (each one fsynced), not one per reply.
+        linger_until = time.monotonic() + BATCH_LINGER
+        while msgs and len(msgs) < MAX_BATCH:
             try:
-                msgs.append(self._inbox.get_nowait())
+                msgs.append(self._inbox.get(timeout=max(0.0, linger_until - time.monotonic())))
             except queue.Empty:
                 break
         if not msgs:
@@ -249,9 +270,13 @@ class Controller:
     # --- messages ---------------------------------------------------------------------------------------
 
     def _handle(self, m: Message, now: float) -> list[tuple[Rollout, Action]]:
-        if m.topic == self.reply_topic:
-            return self._reply(m, now)
         info = parse_topic(m.topic)
+        if info.kind == "reply":
+            return self._reply(m, now, info.device) if info.name == self.client_id else []
+        if info.kind == "health":  # only when the console asked for it (follow_health)
+            if self.health is not None:
+                self.health.apply(m.topic, m.payload, now=now)
+            return []
         if info.kind in ("birth", "state"):
             known = (info.fleet, info.device) in self.inventory
             self.inventory.apply(m.topic, m.payload, now=now)
@@ -272,14 +297,19 @@ class Controller:
             return [(r, a) for a in r.install_event(info.device, str(job), str(ev.get("stage")), ev, now)]
         return []
 
-    def _reply(self, m: Message, now: float) -> list[tuple[Rollout, Action]]:
+    def _reply(self, m: Message, now: float, sender: str) -> list[tuple[Rollout, Action]]:
         job = (m.correlation_data or b"").decode("ascii", "replace")
         owner = parse_job(job)
         if owner is None or owner[0] not in self.rollouts:
             return []
+        device = owner[1]
+        if sender != device:
+            # Only the job's device may publish on its reply topic (ACL): another device that
+            # names this job answers for it, which is never accepted.
+            raise ProtocolError(f"reply to {device}'s job {job} came from {sender}", code="bad_field",
+                                field="topic")
         r = self.rollouts[owner[0]]
         reply = Reply.from_bytes(m.payload)
-        device = owner[1]
         if job.split(".")[-1].startswith("rb"):
             return [(r, a) for a in r.rollback_reply(device, reply.ok, reply.result, reply.error, now)]
         return [(r, a) for a in r.install_reply(device, job, reply.ok, reply.result, reply.error, now)]
@@ -339,12 +369,14 @@ class Controller:
             req = InstallRequest(url=self._bundle_url(r, a.bundle), sha256=a.bundle.sha256,
                                  size=a.bundle.size, job=a.job)
             self.transport.publish(topics.cmd("install"), req.to_bytes(), qos=1,
-                                   response_topic=self.reply_topic, correlation_data=a.job.encode())
+                                   response_topic=topics.reply(self.client_id),
+                                   correlation_data=a.job.encode(), expiry=COMMAND_EXPIRY["install"])
             self.counters["dispatched"] += 1
         elif isinstance(a, Rollback):
             rb = RollbackRequest(job=a.job, from_digest=a.from_digest or None)
             self.transport.publish(topics.cmd("rollback"), rb.to_bytes(), qos=1,
-                                   response_topic=self.reply_topic, correlation_data=a.job.encode())
+                                   response_topic=topics.reply(self.client_id),
+                                   correlation_data=a.job.encode(), expiry=COMMAND_EXPIRY["rollback"])
             self.counters["rollbacks"] += 1
 
     def _bundle_url(self, r: Rollout, b: BundleRef) -> str:

@@ -161,11 +161,16 @@ class Target:
     code: str | None = None  # the device's error code when it failed
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Not dataclasses.asdict: it deep-copies every field, and a 10,000-device wave writes
+        # each target several times (the measured hot spot of bench/bench_fleet.py).
+        return {k: getattr(self, k) for k in _TARGET_FIELDS}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Target:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+_TARGET_FIELDS: Final = tuple(Target.__dataclass_fields__)
 
 
 def bundle_refs(release: Any) -> dict[str, BundleRef]:
@@ -250,6 +255,8 @@ class Rollout:
         self._ready: dict[int, set[str]] = {}  # wave -> pending devices
         self._in_flight = 0  # across waves, for --max-parallel
         self._next_check: dict[int, int] = {}  # wave -> committed count of the next median check
+        self._maybe_ready = True  # something may be dispatchable now (see _dispatch_ready)
+        self._order: dict[str, str] = {}  # device -> its place in this rollout's order
         self.dirty: set[str] = set()  # targets changed since the last persist
         self.changed = True  # the rollout's own fields changed since the last persist
 
@@ -290,6 +297,8 @@ class Rollout:
 
     def device(self, info: DeviceInfo, now: float) -> list[Action]:
         """A birth or state change of a device: dispatch it if its turn came, add it if it joins."""
+        if info.online and not self.online.get(info.device, False):
+            self._maybe_ready = True
         self.online[info.device] = info.online
         if not self.started or self.status == ABORTED or self.status == FINISHED:
             return []
@@ -397,6 +406,7 @@ class Rollout:
             if self.status != PAUSED:
                 raise RolloutError(f"cannot resume a rollout that is {self.status}")
             self.status, self.changed = (OPEN if self.waves_done else RUNNING), True
+            self._maybe_ready = True
             self._note(now, "resumed by the operator")
             return self._advance(now)
         if name == "abort":
@@ -440,6 +450,9 @@ class Rollout:
         if _fig(gate, "decode_tok_s") is not None:
             t.baseline, t.baseline_source = {k: gate.get(k) for k in ("decode_tok_s", "ttft_ms",
                                                                        "peak_rss_mb")}, "previous"
+            fidelity = gate.get("fidelity")
+            if isinstance(fidelity, dict):  # not judged; shown before -> after (status, console)
+                t.baseline["agreement"] = fidelity.get("agreement")
         else:
             exp = self.bundles[t.profile or ""].expected
             if exp:
@@ -454,6 +467,8 @@ class Rollout:
     def _index(self, t: Target) -> None:
         if t.state in IN_FLIGHT:
             self._in_flight += 1
+        if t.state == PENDING:
+            self._maybe_ready = True
         if t.wave is None:
             return
         self._by_wave.setdefault(t.wave, set()).add(t.device)
@@ -465,6 +480,7 @@ class Rollout:
     def _unindex(self, t: Target) -> None:
         if t.state in IN_FLIGHT:
             self._in_flight -= 1
+            self._maybe_ready = True  # a slot freed (--max-parallel)
         if t.wave is None:
             return
         self._by_wave.get(t.wave, set()).discard(t.device)
@@ -555,6 +571,7 @@ class Rollout:
 
     def _begin_wave(self, wave: int, now: float) -> None:
         self.wave, self.wave_started, self.soak_until, self.changed = wave, now, None, True
+        self._maybe_ready = True
         self._note(now, f"wave {wave + 1} of {len(self.plan)} started ({self._wave_size(wave)} device(s))")
 
     def _verdict(self, wave: int, *, final: bool) -> str | None:
@@ -634,15 +651,28 @@ class Rollout:
         return self._dispatch_ready(now)
 
     def _dispatch_ready(self, now: float) -> list[Action]:
+        # Only when something may have become dispatchable (a pending target indexed, a device
+        # online again, a slot freed, a wave begun): scanning every pending target on each of
+        # 10,000 replies would make a wave quadratic.
+        if not self._maybe_ready:
+            return []
+        self._maybe_ready = False
         pending = self._ready.get(self.wave)
         if not pending:
             return []
         room = max(0, self.spec.max_parallel - self._in_flight) if self.spec.max_parallel else len(pending)
         if not room:
             return []
-        ready = sorted((d for d in pending if self.online.get(d, False)),
-                       key=lambda d: _order_key(self.spec.rollout_id, d))
+        ready = [d for d in pending if self.online.get(d, False)]
+        if room < len(ready):
+            ready.sort(key=self._order_of)
         return [self._dispatch(self.targets[d], now) for d in ready[:room]]
+
+    def _order_of(self, device: str) -> str:
+        key = self._order.get(device)
+        if key is None:
+            key = self._order[device] = _order_key(self.spec.rollout_id, device)
+        return key
 
     # --- reporting ---------------------------------------------------------------------------------
 

@@ -63,6 +63,9 @@ class Message:
     correlation_data: bytes | None = None
     retain: bool = False
     qos: int = 0
+    # MQTT 5 Message Expiry Interval as delivered: the seconds left of the sender's interval (the
+    # broker subtracts the time it held the message); None if the sender set none.
+    expiry: int | None = None
 
 
 @dataclass(frozen=True)
@@ -314,6 +317,7 @@ class MqttTransport:
         correlation_data: bytes | None = None,
         *,
         timeout: float | None = None,
+        expiry: int | None = None,
     ) -> None:
         """Publish a message. QoS 1 messages published while disconnected are queued and sent on
         reconnect; QoS 0 ones are dropped then.
@@ -321,6 +325,8 @@ class MqttTransport:
         Args:
             topic, payload, qos, retain: as in MQTT.
             response_topic, correlation_data: MQTT 5 request/response properties.
+            expiry: MQTT 5 Message Expiry Interval, seconds (>= 1): the broker discards the
+                message once it has held it that long undelivered (e.g. for an offline device).
             timeout: if given, wait up to this many seconds for the broker's acknowledgement and
                 fail if it refuses the message (e.g. ACL). Not allowed inside a handler (the
                 acknowledgement arrives on the thread running it).
@@ -330,12 +336,16 @@ class MqttTransport:
                 acknowledgement within ``timeout``.
         """
         props: Properties | None = None
-        if response_topic is not None or correlation_data is not None:
+        if expiry is not None and (type(expiry) is not int or not 1 <= expiry < 1 << 32):
+            raise TransportError(f"bad message expiry {expiry!r}: want whole seconds >= 1")
+        if response_topic is not None or correlation_data is not None or expiry is not None:
             props = Properties(PacketTypes.PUBLISH)
             if response_topic is not None:
                 props.ResponseTopic = response_topic
             if correlation_data is not None:
                 props.CorrelationData = correlation_data
+            if expiry is not None:
+                props.MessageExpiryInterval = expiry
         if timeout is not None and getattr(self._in_callback, "active", False):
             raise TransportError("publish(timeout=...) would deadlock inside a message handler")
         ack = _Ack() if timeout is not None else None
@@ -598,13 +608,14 @@ class MqttTransport:
         props = getattr(m, "properties", None)
         rt = getattr(props, "ResponseTopic", None) if props is not None else None
         cd = getattr(props, "CorrelationData", None) if props is not None else None
+        ex = getattr(props, "MessageExpiryInterval", None) if props is not None else None
         try:
             topic = m.topic
         except UnicodeDecodeError:  # a topic that is not UTF-8 violates MQTT; nothing can use it
             log.warning("dropped a message with a non-UTF-8 topic")
             return
         msg = Message(topic, bytes(m.payload), rt, bytes(cd) if cd is not None else None,
-                      bool(m.retain), int(m.qos))
+                      bool(m.retain), int(m.qos), int(ex) if isinstance(ex, int) else None)
         with self._subs_lock:
             handlers = [h for f, (_, h) in self._subs.items() if h is not None and _filter_matches(f, topic)]
         if not handlers:

@@ -50,6 +50,11 @@ CASES = (
     Case("bench_ortgenai", ("ortgenai.json", "ortgenai_builds.md", "ortgenai_decode.md"),
          modules=("onnxruntime_genai",)),
     Case("bench_openvino", ("openvino_decode.json", "openvino_decode.md"), modules=("openvino_genai",)),
+    Case("bench_http", ("http.json", "http.md"), mosquitto=True),
+    Case("bench_fidelity", ("fidelity.json", "fidelity.md")),
+    Case("bench_fleet", ("fleet.json", "fleet.md"), modules=(), mosquitto=True),
+    # The llamacpp binary the agent-binary tests build (cached by its inputs), against the venv.
+    Case("bench_footprint", ("footprint.json", "footprint.md"), mosquitto=True),
 )
 
 
