@@ -26,8 +26,9 @@ apt_setup() {
     local need=()
     command -v apt-get >/dev/null 2>&1 || return 0
     # mosquitto: the broker the demo and the tests start; systemd: systemd-analyze, which the
-    # tests use to verify the agent's unit (systemd need not be PID 1 for that).
-    for pkg in python3-venv python3-dev build-essential cmake git mosquitto systemd; do
+    # tests use to verify the agent's unit (systemd need not be PID 1 for that); chromium: the
+    # headless browser the fleet console's tests render the page in.
+    for pkg in python3-venv python3-dev build-essential cmake git mosquitto systemd chromium; do
         dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
     done
     # pyenv/other Pythons ship venv and headers themselves; only Debian's python3 needs the packages.

@@ -4,7 +4,7 @@ modules (:mod:`fleet.rollout_ops`, :mod:`fleet.controller`).
 Every option has an environment default, as the agent's do, so a systemd unit can configure the
 controller with an env file: EDGEPACK_FLEET_DB, EDGEPACK_BROKER, EDGEPACK_FLEET, EDGEPACK_KEYRING
 (':'-separated), EDGEPACK_MQTT_USERNAME / _PASSWORD / _CA, EDGEPACK_BASE_URL, EDGEPACK_SERVE_HOST,
-EDGEPACK_SERVE_PORT.
+EDGEPACK_SERVE_PORT, EDGEPACK_CONSOLE_HTTP, EDGEPACK_CONSOLE_KEY_FILE.
 """
 
 from __future__ import annotations
@@ -15,10 +15,14 @@ import re
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent._cli import dump, env, err
 from agent.errors import EdgepackError
+
+if TYPE_CHECKING:
+    from fleet.console import Console
+    from fleet.controller import Controller
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
@@ -65,11 +69,35 @@ def cmd_controller(args: argparse.Namespace) -> int:
                            base_url=args.base_url, serve_host=args.serve_host,
                            serve_port=args.serve_port)
     ctl = Controller(cfg)
+    console = _console(args, ctl)  # bound before run(): a busy port fails at once, not later
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: ctl.request_stop())
-    err(f"controller of fleet {cfg.fleet}: broker {cfg.broker_url}, database {cfg.db}")
-    ctl.run()
+    err(f"controller of fleet {cfg.fleet}: broker {cfg.broker_url}, database {cfg.db}"
+        + (f", console {console.url}" if console else ""))
+    try:
+        ctl.run()
+    finally:
+        if console:
+            console.stop()
     return 0
+
+
+def _console(args: argparse.Namespace, ctl: Controller) -> Console | None:
+    """The read-only web console of ``--http`` (None without), started."""
+    if not args.http:
+        return None
+    from agent.http_api import parse_listen, read_key_file
+    from fleet.console import Console, ConsoleConfig
+
+    try:
+        host, port = parse_listen(args.http)
+        key = read_key_file(Path(args.http_key_file)) if args.http_key_file else None
+        console = Console.for_controller(ctl, ConsoleConfig(host=host, port=port, key=key))
+        console.start()
+    except EdgepackError:
+        ctl.stop()  # releases the database lock and the MQTT session it opened
+        raise
+    return console
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -192,6 +220,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                    help="address to serve bundles on [EDGEPACK_SERVE_HOST, default loopback only]")
     s.add_argument("--serve-port", type=int, default=int(e("EDGEPACK_SERVE_PORT") or "8080"),
                    help="[EDGEPACK_SERVE_PORT, default 8080]")
+    s.add_argument("--http", default=e("EDGEPACK_CONSOLE_HTTP"), metavar="HOST:PORT",
+                   help="serve the read-only web console, e.g. 127.0.0.1:8400 (a bare port is on "
+                        "loopback) [EDGEPACK_CONSOLE_HTTP; default: no console]")
+    s.add_argument("--http-key-file", default=e("EDGEPACK_CONSOLE_KEY_FILE"), metavar="FILE",
+                   help="the console's key (bearer, or the basic-auth password); required beyond "
+                        "loopback [EDGEPACK_CONSOLE_KEY_FILE]")
     _db_option(s)
     _keyring_option(s)
     s.set_defaults(func=cmd_controller)

@@ -72,7 +72,9 @@ def request(db: Path, rollout_id: str, command: str, reason: str = "") -> int:
 
 def status(db: Path, rollout_id: str | None = None, *, fleet: str | None = None) -> dict[str, Any]:
     """The ``rollout status --json`` document: one rollout (default: the latest) with its waves,
-    totals, history and, per device, state and reason.
+    totals, history and, per device, state and reason, profile, and the gate figures ``before``
+    (its baseline) and ``after`` (on the new bundle): ``decode_tok_s``, ``ttft_ms``,
+    ``peak_rss_mb``, ``agreement`` (None when not measured).
 
     Raises:
         RolloutError: no such rollout, or none at all.
@@ -88,9 +90,19 @@ def status(db: Path, rollout_id: str | None = None, *, fleet: str | None = None)
     doc["devices"] = {d: {"state": t.state, "wave": t.wave + 1 if t.wave is not None else None,
                           "attempt": t.attempt, "reason": t.reason, "code": t.code,
                           "regression": t.regression, "agreement": t.agreement,
-                          "baseline": t.baseline_source, "rollback": t.rollback}
+                          "baseline": t.baseline_source, "rollback": t.rollback, "profile": t.profile,
+                          "before": _figures(t.baseline), "after": _figures(t.figures)}
                       for d, t in sorted(r.targets.items())}
     return doc
+
+
+def _figures(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not report:
+        return None
+    fidelity = report.get("fidelity")  # a gate report; a baseline carries "agreement" itself
+    return {"decode_tok_s": report.get("decode_tok_s"), "ttft_ms": report.get("ttft_ms"),
+            "peak_rss_mb": report.get("peak_rss_mb"),
+            "agreement": fidelity.get("agreement") if isinstance(fidelity, dict) else report.get("agreement")}
 
 
 def list_rollouts(db: Path, fleet: str | None = None) -> list[dict[str, Any]]:
