@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, NamedTuple
 
+from agent._crashpoint import crash_point
+
 
 class FileDigest(NamedTuple):
     """A file's sha256 (hex) and its size in bytes."""
@@ -57,14 +59,17 @@ def atomic_file(path: Path, mode: int = 0o644) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        crash_point(f"{path.name}: temp written")
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, mode)  # mkstemp creates 0600
+        crash_point(f"{path.name}: temp fsynced")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    crash_point(f"{path.name}: renamed")
     fsync_dir(path.parent)
 
 
@@ -78,3 +83,4 @@ def fsync_tree(root: Path) -> None:
     """fsync every folder under ``root`` (files were fsynced as they were written)."""
     for dirpath, _dirs, _files in os.walk(root):
         fsync_dir(Path(dirpath))
+        crash_point(f"fsync folder {os.path.relpath(dirpath, root)}")

@@ -15,6 +15,9 @@ class EdgepackError(Exception):
     """Base of every edgepack error."""
 
     hint: str = ""
+    # Set by the store on every install/rollback error: what serves after the failure
+    # ("gemma v2 (slot ab12...)" or "nothing (no model is installed)"); "" when not known.
+    serving: str = ""
 
     def __init__(self, message: str, *, hint: str = "") -> None:
         super().__init__(message)
@@ -22,8 +25,10 @@ class EdgepackError(Exception):
             self.hint = hint
 
     def diagnostics(self) -> str:
-        """A human hint on what to do next (may be empty)."""
-        return self.hint
+        """A human hint on what to do next, and what serves now when that is known (may be empty)."""
+        if not self.serving:
+            return self.hint
+        return f"{self.hint} Serving now: {self.serving}.".strip()
 
 
 # --- untrusted or malformed data: refuse, keep what is installed --------------------------------

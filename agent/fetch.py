@@ -13,6 +13,12 @@ to a Range request sends the whole file again, so the ``.part`` restarts from by
 ``file://`` URLs are copied the same way (capped, hashed, fsynced, renamed) but are not retried.
 The bundle's signature is checked later by the store; the sha256 here protects the download and
 the disk, it is not the trust decision.
+
+:func:`open_download` is the same download read as a stream, for installing without a second copy
+on disk: the store's verifying stager reads it (manifest first, then each payload file straight into
+its slot). Nothing is written here; a dropped connection resumes with ``Range`` from the bytes
+already read, and reading the end checks the whole file's length and sha256 (the store reads a
+stream to its end before it switches).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import io
 import logging
 import os
 import random
@@ -31,7 +38,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from agent._fs import fsync_dir
 from agent.errors import (
@@ -44,7 +51,7 @@ from agent.errors import (
 
 log = logging.getLogger("agent.fetch")
 
-__all__ = ["fetch", "part_path"]
+__all__ = ["DownloadStream", "fetch", "open_download", "part_path"]
 
 CHUNK_BYTES = 1 << 20  # read/write unit: large enough for SHA-NI speed, small enough to cancel fast
 MAX_REDIRECTS = 5
@@ -113,16 +120,7 @@ def fetch(
             or the server refused it (4xx).
         InstallError: the download was cancelled (``step="fetch"``), or the file cannot be written.
     """
-    sha256 = sha256.lower()
-    if not _SHA256_RE.fullmatch(sha256):
-        raise UntrustedDataError(f"expected sha256 is not 64 hex digits: {sha256!r}")
-    if size < 0:
-        raise UntrustedDataError(f"expected size is negative: {size}")
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
-    if scheme not in ("http", "https", "file"):
-        raise UntrustedDataError(
-            f"refusing to fetch {url!r}: scheme {scheme or '(none)'!r} is not http, https or file"
-        )
+    sha256, scheme = _check_request(url, sha256, size)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     job = _Job(url, dest, sha256, size, progress, cancel or threading.Event())
@@ -133,6 +131,21 @@ def fetch(
         timeout=timeout, max_retries=max_retries, ca_file=ca_file, backoff_base=backoff_base,
         disk_free=disk_free,
     )
+
+
+def _check_request(url: str, sha256: str, size: int) -> tuple[str, str]:
+    """The lowercase sha256 and the URL's scheme, or UntrustedDataError for a malformed request."""
+    sha256 = sha256.lower()
+    if not _SHA256_RE.fullmatch(sha256):
+        raise UntrustedDataError(f"expected sha256 is not 64 hex digits: {sha256!r}")
+    if size < 0:
+        raise UntrustedDataError(f"expected size is negative: {size}")
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in ("http", "https", "file"):
+        raise UntrustedDataError(
+            f"refusing to fetch {url!r}: scheme {scheme or '(none)'!r} is not http, https or file"
+        )
+    return sha256, scheme
 
 
 class _Job:
@@ -404,3 +417,216 @@ class _Job:
 
 def _disk_free(path: Path) -> int:
     return shutil.disk_usage(path).free
+
+
+# --- streaming: the download read once, never stored ------------------------------------------
+
+
+class _StreamJob(_Job):
+    """A :class:`_Job` whose bytes go to a reader instead of a ``.part``: nothing to delete."""
+
+    def __init__(self, url: str, sha256: str, size: int, progress: Progress | None,
+                 cancel: threading.Event) -> None:
+        super().__init__(url, Path(os.devnull), sha256, size, progress, cancel)  # no file is written
+
+    def reset(self) -> None:
+        self.hasher = hashlib.sha256()
+        self.done = 0
+
+
+def open_download(
+    url: str,
+    *,
+    sha256: str,
+    size: int,
+    progress: Progress | None = None,
+    timeout: float = 30.0,
+    max_retries: int = 5,
+    cancel: threading.Event | None = None,
+    ca_file: Path | None = None,
+    backoff_base: float = 0.5,
+) -> io.BufferedReader:
+    """Open ``url`` as a readable stream of exactly ``size`` bytes with the given sha256.
+
+    Same arguments and checks as :func:`fetch`, but nothing is written to disk: the caller reads
+    the bytes (the store stages them straight into a slot). Use it as a context manager.
+
+    Raises:
+        UntrustedDataError: unsupported URL scheme, file:// on another host, or malformed sha256.
+
+    Reading raises what :func:`fetch` raises: :class:`DigestMismatchError` for more or fewer bytes
+    than ``size`` or another sha256 (when the end is read), :class:`TransportError` after the
+    retries or for a refusal, :class:`InstallError` when cancelled.
+    """
+    sha256, scheme = _check_request(url, sha256, size)
+    if scheme == "file" and urllib.parse.urlsplit(url).netloc not in ("", "localhost"):
+        raise UntrustedDataError(f"refusing {url!r}: file:// URLs must name this host")
+    job = _StreamJob(url, sha256, size, progress, cancel or threading.Event())
+    raw = DownloadStream(job, timeout=timeout, max_retries=max_retries, ca_file=ca_file,
+                         backoff_base=backoff_base)
+    return io.BufferedReader(raw, buffer_size=CHUNK_BYTES)
+
+
+class DownloadStream(io.RawIOBase):
+    """A bundle download as a readable binary stream (see :func:`open_download`).
+
+    Each read is capped at what is still expected; a dropped connection or a 5xx is retried with
+    jittered backoff from the byte reached (``Range``), and a failure that made progress does not
+    use up a retry. Reading the end checks one byte more (refused if present) and the sha256.
+    """
+
+    def __init__(self, job: _StreamJob, *, timeout: float, max_retries: int,
+                 ca_file: Path | None, backoff_base: float) -> None:
+        super().__init__()
+        self._job = job
+        self._timeout = timeout
+        self._max_retries = max_retries
+        self._backoff_base = backoff_base
+        self._local = job.url.lower().startswith("file:")
+        self._context = None if self._local else \
+            ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        self._resp: http.client.HTTPResponse | None = None
+        self._conn: http.client.HTTPConnection | None = None
+        self._file: BinaryIO | None = None
+        self._failures = 0
+        self._ended = False
+
+    @property
+    def bytes_read(self) -> int:
+        return self._job.done
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        job = self._job
+        want = len(buffer)
+        if want == 0 or self._ended:
+            return 0
+        while True:
+            job.check_cancel()
+            if job.done == job.size:
+                self._end()
+                return 0
+            try:
+                chunk = self._read(min(want, CHUNK_BYTES, job.size - job.done))
+            except _Retry as e:
+                self._disconnect()
+                self._pause(str(e))
+                continue
+            self._failures = 0
+            job.hasher.update(chunk)
+            job.done += len(chunk)
+            if job.progress is not None:
+                job.progress(job.done, job.size)
+            buffer[: len(chunk)] = chunk
+            return len(chunk)
+
+    def close(self) -> None:
+        self._disconnect()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        super().close()
+
+    # --- one source at a time -------------------------------------------------------------------
+
+    def _read(self, n: int) -> bytes:
+        if self._local:
+            return self._read_file(n)
+        if self._resp is None:
+            self._connect()
+        assert self._resp is not None
+        try:
+            chunk = self._resp.read(n)
+        except (OSError, http.client.HTTPException) as e:
+            raise _Retry(f"connection lost at byte {self._job.done}: {e!r}") from e
+        if not chunk:
+            raise _Retry(f"connection closed at byte {self._job.done} of {self._job.size}")
+        return chunk
+
+    def _read_file(self, n: int) -> bytes:
+        job = self._job
+        try:
+            if self._file is None:
+                path = urllib.request.url2pathname(urllib.parse.urlsplit(job.url).path)
+                self._file = open(path, "rb")  # closed in close()
+            chunk = self._file.read(n)
+        except FileNotFoundError as e:
+            raise TransportError(f"cannot read {job.url}: no such file") from e
+        except OSError as e:
+            raise TransportError(f"cannot read {job.url}: {e}") from e
+        if not chunk:
+            raise DigestMismatchError(f"{job.url}: got {job.done} bytes, expected {job.size}",
+                                      path=job.url, expected=str(job.size), actual=str(job.done))
+        return chunk
+
+    def _connect(self) -> None:
+        job = self._job
+        assert self._context is not None
+        resp, conn = job._request(self._timeout, self._context)
+        self._resp, self._conn = resp, conn
+        try:
+            start = job._check_response(resp)
+        except _Restart as e:
+            # The bytes read so far are gone into the stager: this stream cannot start again.
+            self._disconnect()
+            raise TransportError(f"download of {job.url} cannot resume at byte {job.done}: {e}",
+                                 hint="Nothing was changed; send the install again.") from e
+        except BaseException:
+            self._disconnect()
+            raise
+        if start == 0 and job.done:
+            # A 200 to our Range request: the whole file again; skip what was already read (the
+            # final sha256 still covers every byte the reader got).
+            skip = job.done
+            while skip:
+                try:
+                    got = resp.read(min(skip, CHUNK_BYTES))
+                except (OSError, http.client.HTTPException) as e:
+                    raise _Retry(f"connection lost while skipping to byte {job.done}: {e!r}") from e
+                if not got:
+                    raise _Retry(f"connection closed while skipping to byte {job.done}")
+                skip -= len(got)
+
+    def _disconnect(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._resp = self._conn = None
+
+    def _pause(self, reason: str) -> None:
+        job = self._job
+        self._failures += 1
+        if self._failures > self._max_retries:
+            raise TransportError(
+                f"download of {job.url} failed after {self._max_retries} retries: {reason}",
+                hint="Check that the bundle server is reachable from the device.",
+            )
+        delay = min(BACKOFF_CAP_S, self._backoff_base * 2 ** (self._failures - 1))
+        delay *= random.uniform(0.5, 1.0)  # jitter: a fleet must not retry in lockstep
+        log.info("%s: %s; retrying in %.2fs at byte %d", job.url, reason, delay, job.done)
+        if job.cancel.wait(delay):
+            job.check_cancel()
+
+    def _end(self) -> None:
+        """All ``size`` bytes were read: nothing may follow, and the digest must match."""
+        job = self._job
+        extra = b""
+        try:
+            if self._local and self._file is not None:
+                extra = self._file.read(1)
+            elif self._resp is not None:
+                extra = self._resp.read(1)
+        except (OSError, http.client.HTTPException):
+            extra = b""  # tolerated: all the expected bytes arrived; the digest decides
+        self._ended = True
+        self.close()
+        if extra:
+            raise job.too_long(job.size + 1)
+        actual = job.hasher.hexdigest()
+        if actual != job.sha256:
+            raise DigestMismatchError(
+                f"{job.url}: sha256 {actual} differs from the expected {job.sha256}",
+                path=job.url, expected=job.sha256, actual=actual,
+            )
+        log.info("streamed %s (%d bytes)", job.url, job.size)

@@ -1,11 +1,14 @@
 """Install and roll back on command (MQTT): download, verify + stage + switch, gate, commit | roll back.
 
-Steps of one install, each reported as an event of the job: (1) download with resume into
-``state/downloads`` (``downloading``), (2) the store verifies the signed manifest, stages while
-hashing and switches (``verified``, ``installed``), (3) the resident model is swapped for the new
-bundle and benchmarked against the manifest's SLO (``benchmarked``, with the figures), (4) commit
-(``committed``) or roll back and drop the failed model so the previous one serves again
-(``rolled_back`` with the gate's figures when it was the SLO, then ``failed``).
+Steps of one install, each reported as an event of the job: (1) the download is streamed
+(``downloading``, resuming a dropped connection) straight into (2) the store, which verifies the
+signed manifest before any payload, stages each file into its slot while hashing, checks the whole
+download's sha256 at its end and switches (``verified``, ``installed``): the bundle is on disk once,
+so a device needs its payload size plus a small margin, not twice that (a killed agent starts the
+download again: the partial staging is wiped when it restarts); (3) the resident model is
+swapped for the new bundle and benchmarked against the manifest's SLO (``benchmarked``, with the
+figures), (4) commit (``committed``) or roll back and drop the failed model so the previous one
+serves again (``rolled_back`` with the gate's figures when it was the SLO, then ``failed``).
 
 Every failure says what is serving now, so an operator never has to guess.
 """
@@ -13,6 +16,7 @@ Every failure says what is serving now, so an operator never has to guess.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -35,14 +39,8 @@ _STAGES = {"verified": "verified", "switched": "installed", "committed": "commit
 
 
 def serving_now(store: Store) -> str:
-    """A human phrase for what serves now: ``"gemma v2 (slot ab12...)"`` or ``"nothing"``."""
-    try:
-        cur = store.current()
-    except EdgepackError:
-        return "unknown (the store is unreadable)"
-    if cur is None:
-        return "nothing (no model is installed)"
-    return f"{cur.manifest.model_name} v{cur.manifest.version} (slot {cur.slot})"
+    """A human phrase for what serves now: ``"gemma v2 (slot ab12...)"`` or ``"nothing ..."``."""
+    return store.serving()
 
 
 class Installer:
@@ -85,12 +83,13 @@ class Installer:
         Raises:
             EdgepackError: any step failed (the ``failed`` event is sent first); an
                 :class:`InstallError` with ``rolled_back`` when the new bundle was switched back.
+                Its ``serving`` (and ``diagnostics()``) names what serves now, or that nothing does.
         """
-        from agent.fetch import fetch
+        from agent.fetch import open_download
 
-        downloads = self.store.state_dir / "downloads"
-        downloads.mkdir(parents=True, exist_ok=True)
-        dest = downloads / f"{req.sha256}.bundle"
+        # Older agents downloaded into state/downloads before staging (two copies on disk): what
+        # they left there is only taking the space an install now needs.
+        shutil.rmtree(self.store.state_dir / "downloads", ignore_errors=True)
         t0 = time.monotonic()
         last = [0.0]
 
@@ -118,24 +117,22 @@ class Installer:
             return self._gate(bundle, on_gate)
 
         try:
-            path = fetch(req.url, dest, sha256=req.sha256, size=req.size, progress=progress,
-                         timeout=self.download_timeout, cancel=self._stop)
-            res = self.store.install(path, load_check=check if self.load_check else None,
-                                     on_event=on_store_event)
+            with open_download(req.url, sha256=req.sha256, size=req.size, progress=progress,
+                               timeout=self.download_timeout, cancel=self._stop) as stream:
+                res = self.store.install(stream, load_check=check if self.load_check else None,
+                                         on_event=on_store_event)
         except EdgepackError as e:
             self.counters.incr("install_errors")
             rolled_back = isinstance(e, InstallError) and e.rolled_back
             if rolled_back:
                 self.model.drop()  # the failed model was resident: the next request reloads current
             serving = serving_now(self.store)
+            e.serving = serving  # a download failure too: the error names what still serves
             self._events(job_id, "failed", code=error_code(e), reason=str(e), rolled_back=rolled_back,
                          serving=serving)
             self.last_install = {"ok": False, "code": error_code(e), "reason": str(e),
                                  "serving": serving, "ts": self.clock()}
             raise
-        finally:
-            if dest.exists():
-                dest.unlink()  # the verified copy lives in its slot now (or was refused)
         if not self.load_check:
             self.model.drop()
         if res.check and not res.already_installed:
@@ -159,7 +156,7 @@ class Installer:
             ``{"current": summary, "rolled_back": bool}`` (and ``reason`` when nothing changed).
 
         Raises:
-            StoreError: there is no previous bundle (nothing changed).
+            StoreError: there is no previous bundle (nothing changed; ``serving`` says what serves).
         """
         if from_digest is not None:
             cur = self.store.current()

@@ -3,16 +3,27 @@
 Layout under ``state_dir``::
 
     slots/<id>/manifest.json, manifest.sig, payload/...   one folder per installed bundle
-    pointers.json      {"current": id, "previous": id, "pending": bool}  switched atomically
-    versions.json      {model_name: {"version": n, "digest": d}}  highest committed per model
+    pointers.json      {"current": id, "previous": id, "pending": bool,
+                        "versions": {model_name: {"version": n, "digest": d}}}  written atomically
     staging/           partial downloads/extractions; wiped on start
     lock               flock: one install/rollback at a time
+
+``versions`` is the high-water mark: the highest version committed per model. It lives in the same
+file as the pointers, so the commit that makes a bundle current raises it in the same rename: no
+crash can leave a committed bundle without its high-water mark (which would let the older version be
+replayed). Stores written by older agents kept it in ``versions.json``; it is read once, merged, and
+removed after the first write of ``pointers.json``.
 
 Install, in order: (1) read + verify the signed manifest before any payload, refusing downgrades,
 (2) check arch, RAM and free disk, (3) stream the payload into staging while hashing, (4) fsync and
 rename staging to its slot, (5) switch ``current``/``previous`` in one atomic write marked pending,
-(6) run the load check, (7) commit (clear pending, record the version) or switch back. A kill at
-any point leaves the old or the new model whole: on the next start a pending switch is undone.
+(6) run the load check, (7) commit (clear pending and raise the high-water mark, one atomic write)
+or switch back. A kill at any point leaves the old or the new model whole: on the next start a
+pending switch is undone, unreferenced slots and temp files are removed, and the high-water mark is
+raised to every committed slot's version (repairing stores of older agents).
+
+Every error of an install or a rollback says what serves now (``EdgepackError.serving``). Each
+disk-changing step is a numbered crash point (agent/_crashpoint.py, a test hook).
 """
 
 from __future__ import annotations
@@ -31,9 +42,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from agent._crashpoint import crash_point
 from agent._fs import atomic_write, fsync_dir, fsync_tree
 from agent.bundle import MANIFEST_NAME, SIGNATURE_NAME, Keyring, Manifest, verify_manifest
-from agent.errors import InstallError, InsufficientResourcesError, StoreError
+from agent.errors import EdgepackError, InstallError, InsufficientResourcesError, StoreError
 from agent.profiles.schema import normalize_arch
 
 log = logging.getLogger("agent.store")
@@ -122,25 +134,32 @@ class Store:
         self.slots_dir = self.state_dir / "slots"
         self.staging_dir = self.state_dir / "staging"
         self._pointers = self.state_dir / "pointers.json"
-        self._versions = self.state_dir / "versions.json"
+        self._legacy_versions = self.state_dir / "versions.json"  # older agents' high-water file
         for d in (self.state_dir, self.slots_dir, self.staging_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.recovered: str | None = None
-        with self._locked():
-            self._recover()
+        with self._locked(busy_ok=True) as mine:
+            # A live process holds the lock (an install streaming its download, say): its staging
+            # and its pending switch are work in progress, not a crash to undo. Reads still work.
+            if mine:
+                self._recover()
 
     # --- state files -------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self, *, busy_ok: bool = False) -> Iterator[bool]:
+        # Yields True with the lock held; False when another process holds it and busy_ok is set.
         fd = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as e:
-                raise StoreError(f"another install or rollback is running on {self.state_dir}",
-                                 hint="Wait for it to finish.") from e
-            yield
+                if not busy_ok:
+                    raise StoreError(f"another install or rollback is running on {self.state_dir}",
+                                     hint="Wait for it to finish.") from e
+                yield False
+                return
+            yield True
         finally:
             os.close(fd)  # closing releases the flock
 
@@ -155,18 +174,34 @@ class Store:
         return data if isinstance(data, dict) else {}
 
     def _pointers_get(self) -> dict[str, Any]:
-        return self._read_json(self._pointers)
+        """The pointers document, with ``versions`` always present (merged from an old store's
+        ``versions.json`` when this store has not yet written it itself)."""
+        p = self._read_json(self._pointers)
+        if not isinstance(p.get("versions"), dict):
+            p["versions"] = self._read_json(self._legacy_versions)
+        return p
 
-    def _pointers_set(self, current: str | None, previous: str | None, pending: bool) -> None:
-        doc = {"current": current, "previous": previous, "pending": pending}
+    def _pointers_set(self, current: str | None, previous: str | None, pending: bool,
+                      versions: dict[str, Any]) -> None:
+        doc = {"current": current, "previous": previous, "pending": pending, "versions": versions}
         atomic_write(self._pointers, json.dumps(doc, sort_keys=True).encode())
+        if self._legacy_versions.exists():
+            # Merged into the file just written (whose rename is durable): the old copy can go.
+            self._legacy_versions.unlink()
+            fsync_dir(self.state_dir)
 
     def _recover(self) -> None:
-        # (a) partial extractions never became slots: drop them.
+        # (a) partial extractions never became slots, and temp files of atomic writes were never
+        # renamed: drop them.
         for leftover in self.staging_dir.iterdir():
             shutil.rmtree(leftover, ignore_errors=True)
-        # (b) a switch that was not committed (killed during the load check): undo it.
+        for folder in (self.state_dir, *(d for d in self.slots_dir.iterdir() if d.is_dir())):
+            for tmp in folder.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+        # (b) a switch that was not committed (killed before its commit): undo it.
         p = self._pointers_get()
+        versions: dict[str, Any] = p["versions"]
+        changed = False
         if p.get("pending"):
             failed = p.get("current")
             prev = p.get("previous")
@@ -175,11 +210,30 @@ class Store:
                 self._read_json(self._slot_dir(failed) / "previous.json").get("previous")
                 if failed and self._slot_dir(failed).is_dir() else None
             )
-            self._pointers_set(prev, prev_of_prev, False)
-            self.recovered = f"an interrupted install of slot {failed} was undone; serving {prev}"
+            p.update(current=prev, previous=prev_of_prev, pending=False)
+            changed = True
+            self.recovered = f"an interrupted install of slot {failed} was undone"
+        # (c) every committed slot's version is at most the high-water mark: a store written by an
+        # older agent may have been killed between its commit and its separate versions write.
+        for slot in (p.get("current"), p.get("previous")):
+            try:
+                b = self._load_slot(slot) if slot else None
+            except EdgepackError:  # a damaged slot is reported when it is used, not at start
+                b = None
+            if b is not None:
+                hw = versions.get(b.manifest.model_name)
+                if not isinstance(hw, dict) or b.manifest.version > int(hw.get("version", -1)):
+                    versions[b.manifest.model_name] = {"version": b.manifest.version,
+                                                       "digest": b.digest}
+                    changed = True
+        if changed or self._legacy_versions.exists():
+            self._pointers_set(p.get("current"), p.get("previous"), False, versions)
+        if self.recovered:
+            self.recovered += f"; serving {self.serving()}"
             log.warning(self.recovered)
-            if failed and failed != prev:
-                shutil.rmtree(self._slot_dir(failed), ignore_errors=True)
+        # (d) only the current and previous slots are kept: a slot renamed into place but never
+        # switched to, or half removed by a garbage collection, is dropped.
+        self._gc({p.get("current"), p.get("previous")})
 
     def _slot_dir(self, slot: str) -> Path:
         if not slot or "/" in slot or slot.startswith("."):
@@ -219,10 +273,30 @@ class Store:
         return out
 
     def high_water(self, model_name: str) -> tuple[int | None, str | None]:
-        v = self._read_json(self._versions).get(model_name)
+        """The highest version of ``model_name`` ever committed here and its manifest digest."""
+        v = self._pointers_get()["versions"].get(model_name)
         if not isinstance(v, dict):
             return None, None
         return int(v["version"]), str(v["digest"])
+
+    def serving(self) -> str:
+        """A human phrase for what serves now: ``"gemma v2 (slot ab12...)"`` or ``"nothing ..."``."""
+        try:
+            cur = self.current()
+        except EdgepackError:
+            return "unknown (the store is unreadable)"
+        if cur is None:
+            return "nothing (no model is installed)"
+        return f"{cur.manifest.model_name} v{cur.manifest.version} (slot {cur.slot})"
+
+    @contextlib.contextmanager
+    def _telling_what_serves(self) -> Iterator[None]:
+        # Every install/rollback error names what serves after it, read from the pointers then.
+        try:
+            yield
+        except EdgepackError as e:
+            e.serving = self.serving()
+            raise
 
     # --- install -------------------------------------------------------------------------------
 
@@ -237,7 +311,9 @@ class Store:
         """Verify and install a bundle, then make it current (or keep the old one).
 
         Args:
-            source: the bundle file, or a readable binary stream of it.
+            source: the bundle file, or a readable binary stream of it (e.g.
+                :func:`agent.fetch.open_download`: staged as it downloads, one copy on disk; a
+                stream is read to its end before the switch, where a download checks its sha256).
             load_check: loads the new bundle and returns measured figures; raising rolls back.
             on_event: receives ("verified" | "staged" | "switched" | "committed" |
                 "rolled_back", details) as the install progresses.
@@ -251,9 +327,10 @@ class Store:
             InsufficientResourcesError: not enough disk or RAM (checked before writing).
             InstallError: the load check failed; ``rolled_back`` is True and the old bundle serves.
             StoreError: another install runs, or the state is unreadable.
+            Each error's ``serving`` names what serves after it (its ``diagnostics()`` says it).
         """
         emit = on_event or (lambda _e, _d: None)
-        with self._locked(), contextlib.ExitStack() as stack:
+        with self._telling_what_serves(), self._locked(), contextlib.ExitStack() as stack:
             if isinstance(source, (str, Path)):
                 try:
                     stream: IO[bytes] = stack.enter_context(open(source, "rb"))
@@ -273,6 +350,7 @@ class Store:
             hw_version, hw_digest = self.high_water(manifest.model_name)
             verify_manifest(manifest_bytes, sig_bytes, self.keyring, hw_version, hw_digest, digest)
             slot = digest[:16]
+            crash_point("verified")
             emit("verified", {"model": manifest.model_name, "version": manifest.version,
                               "digest": digest, "signer": manifest.signer_key_id})
             pointers = self._pointers_get()
@@ -287,10 +365,16 @@ class Store:
                 staging = Path(tempfile.mkdtemp(prefix=f"{slot}.", dir=self.staging_dir))
                 try:
                     reader.extract_payload(manifest, staging / "payload", progress)
+                    if not isinstance(source, (str, Path)):
+                        # Read a stream to its end (the tar's padding): a download checks the
+                        # whole file's length and sha256 there, before anything is switched.
+                        while stream.read(1 << 20):
+                            pass
                     atomic_write(staging / MANIFEST_NAME, manifest_bytes)
                     atomic_write(staging / SIGNATURE_NAME, sig_bytes)
                     fsync_tree(staging)
                     os.replace(staging, self._slot_dir(slot))
+                    crash_point("staging renamed to its slot")
                     fsync_dir(self.slots_dir)
                 except BaseException as e:
                     shutil.rmtree(staging, ignore_errors=True)
@@ -298,36 +382,44 @@ class Store:
                         raise InstallError(f"writing the bundle failed: {e}", step="stage",
                                            hint="Nothing was changed; check free disk space.") from e
                     raise
+            crash_point("staged")
             emit("staged", {"slot": slot, "bytes": manifest.payload_bytes})
             new = self._load_slot(slot)
             # Remember what this slot replaced so an undo after a crash can restore both pointers.
             atomic_write(new.path / "previous.json",
                          json.dumps({"previous": pointers.get("previous")}).encode())
-            # (5) switch, marked pending until the load check passes.
-            self._pointers_set(slot, old_current, pending=True)
+            # (5) switch, marked pending until the load check passes; the high-water mark stays.
+            versions: dict[str, Any] = pointers["versions"]
+            self._pointers_set(slot, old_current, True, versions)
             emit("switched", {"slot": slot, "previous": old_current})
             # (6) load check; (7) commit or switch back.
             figures: dict[str, Any] | None = None
             if load_check is not None:
+                crash_point("load check starts")
                 try:
                     figures = load_check(new)
                 except Exception as e:  # any failure to serve the new bundle means roll back
-                    self._pointers_set(old_current, pointers.get("previous"), pending=False)
-                    shutil.rmtree(new.path, ignore_errors=True)
+                    self._pointers_set(old_current, pointers.get("previous"), False, versions)
+                    crash_point("switched back")
+                    if slot != pointers.get("previous"):  # a reinstall of the previous bundle keeps it
+                        shutil.rmtree(new.path, ignore_errors=True)
                     reason = str(e)
                     emit("rolled_back", {"slot": slot, "reason": reason, "serving": old_current})
                     raise InstallError(
                         f"the new bundle failed its load check and was rolled back: {reason}",
                         rolled_back=True, step="load_check",
-                        hint="The previous model is still installed and serving.",
+                        hint="The previous model serves again." if old_current else
+                        "This was the first install here: there is no previous model to serve.",
                     ) from e
-            self._pointers_set(slot, old_current, pending=False)
-            versions = self._read_json(self._versions)
+                crash_point("load check passed")
+            # The commit: pending cleared and the high-water mark raised in one atomic rename.
             hw = versions.get(manifest.model_name)
             if not isinstance(hw, dict) or manifest.version >= int(hw.get("version", -1)):
-                versions[manifest.model_name] = {"version": manifest.version, "digest": digest}
-                atomic_write(self._versions, json.dumps(versions, sort_keys=True).encode())
+                versions = {**versions,
+                            manifest.model_name: {"version": manifest.version, "digest": digest}}
+            self._pointers_set(slot, old_current, False, versions)
             self._gc({slot, old_current})
+            crash_point("committed")
             emit("committed", {"slot": slot, "version": manifest.version, "check": figures})
             prev = self._load_slot(old_current) if old_current else None
             return InstallResult(new, prev, check=figures)
@@ -351,18 +443,22 @@ class Store:
                 f"bundle needs {req.min_ram_bytes / 2**30:.2f} GiB RAM; device has "
                 f"{ram / 2**30:.2f} GiB", needed=req.min_ram_bytes, available=ram, resource="ram",
             )
-        need = max(m.payload_bytes, req.min_disk_bytes) + DISK_MARGIN_BYTES
+        payload = max(m.payload_bytes, req.min_disk_bytes)
+        need = payload + DISK_MARGIN_BYTES
         free = self._disk_free(self.state_dir)
         if free < need:
+            # One copy: the payload is staged straight from the bundle (or its download stream).
             raise InsufficientResourcesError(
-                f"bundle needs {need / 2**20:.0f} MiB free disk in {self.state_dir}; "
+                f"bundle needs {need / 2**20:.0f} MiB free disk in {self.state_dir} "
+                f"({payload / 2**20:.0f} MiB payload + {DISK_MARGIN_BYTES >> 20} MiB margin); "
                 f"{free / 2**20:.0f} MiB free", needed=need, available=free, resource="disk",
             )
 
     def _gc(self, keep: set[str | None]) -> None:
         # Keep current and previous only: edge disks are small, and rollback is one step.
-        for d in self.slots_dir.iterdir():
+        for d in sorted(self.slots_dir.iterdir()):
             if d.is_dir() and d.name not in keep:
+                crash_point(f"removing unused slot {d.name}")
                 shutil.rmtree(d, ignore_errors=True)
 
     # --- rollback / remove -----------------------------------------------------------------------
@@ -371,14 +467,16 @@ class Store:
         """Make the previous bundle current again (a local, explicit operation).
 
         Raises:
-            StoreError: there is no previous bundle.
+            StoreError: there is no previous bundle (its ``serving`` says what still serves).
         """
-        with self._locked():
+        with self._telling_what_serves(), self._locked():
             p = self._pointers_get()
             prev, cur = p.get("previous"), p.get("current")
             if not prev or not self._slot_dir(prev).is_dir():
                 raise StoreError("there is no previous bundle to roll back to")
-            self._pointers_set(prev, cur, pending=False)
+            crash_point("rollback starts")
+            self._pointers_set(prev, cur, False, p["versions"])
+            crash_point("rolled back")
             return self._load_slot(prev)
 
     def remove(self, slot: str) -> None:
@@ -396,7 +494,7 @@ class Store:
             if name == p.get("current"):
                 raise StoreError(f"{name} is the current bundle; install or roll back first")
             if name == p.get("previous"):
-                self._pointers_set(p.get("current"), None, pending=False)
+                self._pointers_set(p.get("current"), None, False, p["versions"])
             shutil.rmtree(self._slot_dir(name))
 
 

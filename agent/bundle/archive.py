@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from agent._crashpoint import crash_point
 from agent.bundle.manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
@@ -140,6 +141,7 @@ class BundleReader:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
                 out = os.fdopen(fd, "wb")
+                crash_point(f"stage {m.name}: created")
             h = hashlib.sha256()
             written = 0
             try:
@@ -147,12 +149,14 @@ class BundleReader:
                     h.update(chunk)
                     if out is not None:
                         out.write(chunk)
+                        crash_point(f"stage {m.name}: {written + len(chunk)} bytes written")
                     written += len(chunk)
                     if progress:
                         progress(len(chunk))
                 if out is not None:
                     out.flush()
                     os.fsync(out.fileno())
+                    crash_point(f"stage {m.name}: fsynced")
             except (tarfile.TarError, EOFError) as e:
                 raise BundleFormatError(f"member {m.name!r} is truncated: {e}", member=m.name) from e
             finally:

@@ -1,18 +1,19 @@
-"""Faults during install, for real: the agent killed with SIGKILL at many points, and a full disk.
+"""Faults during install, for real: the agent killed with SIGKILL at chosen steps, and a full disk.
 
 After each fault the device must serve either the old or the new bundle, whole (every file's sha256
-matches its manifest), with no staging leftovers, and say why.
+matches its manifest), with no staging leftovers, and say why. The hundreds of steps of a small
+made-up bundle are killed in tests/integration/test_crash_points.py; here the real sample is.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -45,31 +46,45 @@ def assert_whole(store: Store, versions: set[int]) -> int:
     return cur.manifest.version
 
 
-def test_sigkill_at_any_point_of_an_install_leaves_old_or_new_whole(tmp_path, agent_bundles):
+def test_sigkill_at_chosen_steps_of_a_real_install_leaves_old_or_new_whole(tmp_path, agent_bundles):
+    """The real agent installing the real sample, killed at numbered steps (agent/_crashpoint.py):
+    in the middle of staging, after it, during the load check and gate, on each side of the commit.
+    The step decides the outcome: v2 from the commit's rename on, v1 before it."""
     base = tmp_path / "base"
-    Store(base, _keyring(agent_bundles)).install(agent_bundles["v1"])
-    outcomes = []
-    # From "still verifying" through "staging", "switched, load check running" to "committed".
-    for delay in (0.05, 0.15, 0.3, 0.5, 0.8, 1.2, 1.6, 2.0, 2.5, 3.5, None):
-        state = tmp_path / f"s{delay}"
+    keys = _keyring(agent_bundles)
+    Store(base, keys).install(agent_bundles["v1"])
+
+    def install(state: Path, **env: str) -> int:
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("EDGEPACK_TEST_")}, **env}
+        return subprocess.run([AGENT, "--state-dir", str(state), "--keyring",
+                               str(agent_bundles["keyring"]), "install", str(agent_bundles["v2"])],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                              timeout=600).returncode
+
+    # The control: the same install, not interrupted, commits v2; its steps are listed.
+    shutil.copytree(base, tmp_path / "trace")
+    log = tmp_path / "trace.log"
+    assert install(tmp_path / "trace", EDGEPACK_TEST_CRASH_TRACE=str(log)) == 0
+    steps = [line.split(" ", 1)[1] for line in log.read_text().splitlines()]
+    staging = [i for i, s in enumerate(steps, 1) if s.startswith("stage ") and "bytes written" in s]
+    commit = max(i for i, s in enumerate(steps, 1) if s == "pointers.json: renamed")
+    chosen = sorted({staging[len(staging) // 2], steps.index("staged") + 1,
+                     steps.index("load check starts") + 1, steps.index("load check passed") + 1,
+                     commit - 1, commit})
+    for n in chosen:
+        state = tmp_path / f"s{n}"
         shutil.copytree(base, state)
-        p = subprocess.Popen([AGENT, "--state-dir", str(state), "--keyring",
-                              str(agent_bundles["keyring"]), "install", str(agent_bundles["v2"])],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if delay is None:  # the control: the same install, not interrupted, commits v2
-            assert p.wait(timeout=300) == 0
-        else:
-            time.sleep(delay)
-            p.send_signal(signal.SIGKILL)
-            p.wait(timeout=10)
-        store = Store(state, _keyring(agent_bundles))  # a restart: recovery runs here
-        v = assert_whole(store, {1, 2})
-        outcomes.append((delay, v, store.recovered is not None))
-        if v == 1:
+        assert install(state, EDGEPACK_TEST_CRASH_AT=str(n)) == -signal.SIGKILL
+        store = Store(state, keys)  # a restart: recovery runs here
+        want = 2 if n >= commit else 1
+        assert assert_whole(store, {want}) == want, (n, steps[n - 1])
+        hw = store.high_water(store.current().manifest.model_name)  # type: ignore[union-attr]
+        assert hw[0] == want
+        assert len(list(store.slots_dir.iterdir())) == want  # v1 alone, or v2 and v1 (no debris)
+        if want == 1:
             # The interrupted install can simply be retried.
             assert store.install(agent_bundles["v2"]).bundle.manifest.version == 2
-    # Early kills leave v1 (later ones may too on a loaded machine); the uninterrupted run commits.
-    assert outcomes[0][1] == 1 and outcomes[-1][1] == 2, outcomes
+        shutil.rmtree(state)
 
 
 @pytest.fixture

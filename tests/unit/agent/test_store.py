@@ -25,7 +25,10 @@ def make_store(root: Path, keyring: Keyring, **kw) -> Store:
 
 
 def pointers(store: Store) -> dict:
-    return json.loads((store.state_dir / "pointers.json").read_bytes())
+    """The A/B pointers, without the high-water marks that share their file."""
+    doc = json.loads((store.state_dir / "pointers.json").read_bytes())
+    doc.pop("versions", None)
+    return doc
 
 
 def slots(store: Store) -> set[str]:
@@ -238,6 +241,24 @@ def test_a_second_operation_while_one_holds_the_lock_is_refused(store: Store, ma
     assert store.rollback().manifest.version == 1  # the lock released: it goes through
 
 
+def test_opening_while_another_process_installs_reads_without_recovering(tmp_path: Path,
+                                                                         keyring: Keyring, make_bundle):
+    store = make_store(tmp_path, keyring)
+    v1 = store.install(make_bundle(version=1)).bundle
+    partial = store.staging_dir / "in-progress"
+    partial.mkdir()
+    fd = os.open(store.state_dir / "lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # an install streaming its download elsewhere
+        reader = make_store(tmp_path, keyring)  # e.g. `edgepack-agent status` meanwhile
+        assert reader.current().slot == v1.slot  # type: ignore[union-attr]
+        assert partial.is_dir() and reader.recovered is None  # its staging is not a crash's
+    finally:
+        os.close(fd)
+    make_store(tmp_path, keyring)
+    assert not partial.exists()  # once nobody holds the lock, leftovers are wiped
+
+
 def test_a_damaged_pointers_file_is_a_store_error(tmp_path: Path, keyring: Keyring, make_bundle):
     store = make_store(tmp_path, keyring)
     store.install(make_bundle(version=1))
@@ -262,3 +283,122 @@ def test_a_pointer_to_a_missing_slot_is_a_store_error(tmp_path: Path, keyring: K
         {"current": "0123456789abcdef", "previous": None, "pending": False}))
     with pytest.raises(StoreError, match="missing or damaged"):
         store.current()
+
+
+# --- the high-water mark commits with the pointers (issue 12, item 2) ----------------------------
+
+
+def state_doc(store: Store) -> dict:
+    return json.loads((store.state_dir / "pointers.json").read_bytes())
+
+
+def test_the_high_water_mark_is_written_in_the_commit_of_the_pointers(store: Store, make_bundle):
+    v1 = store.install(make_bundle(version=1)).bundle
+    assert state_doc(store)["versions"] == {"tiny": {"version": 1, "digest": v1.digest}}
+    assert not (store.state_dir / "versions.json").exists()  # one file, one rename
+
+    seen: list[dict] = []
+
+    def look(_b):  # during the load check the switch is pending and the mark not yet raised
+        seen.append(state_doc(store))
+
+    v2 = store.install(make_bundle(version=2), load_check=look).bundle
+    assert seen[0]["pending"] and seen[0]["versions"]["tiny"]["version"] == 1
+    assert state_doc(store) == {"current": v2.slot, "previous": v1.slot, "pending": False,
+                                "versions": {"tiny": {"version": 2, "digest": v2.digest}}}
+
+
+def test_an_old_stores_versions_file_is_read_then_merged(tmp_path: Path, keyring: Keyring,
+                                                         make_bundle):
+    store = make_store(tmp_path, keyring)
+    v1 = store.install(make_bundle(version=1)).bundle
+    # What an older agent wrote: pointers without versions, and versions.json beside them.
+    (store.state_dir / "pointers.json").write_text(json.dumps(
+        {"current": v1.slot, "previous": None, "pending": False}))
+    (store.state_dir / "versions.json").write_text(json.dumps(
+        {"tiny": {"version": 1, "digest": v1.digest}, "other": {"version": 7, "digest": "d" * 64}}))
+    again = make_store(tmp_path, keyring)
+    assert again.high_water("other") == (7, "d" * 64) and again.high_water("tiny") == (1, v1.digest)
+    assert not (again.state_dir / "versions.json").exists()  # merged into pointers.json
+    assert state_doc(again)["versions"]["other"]["version"] == 7
+
+
+def test_an_old_store_killed_between_commit_and_versions_is_repaired_and_refuses_the_replay(
+        tmp_path: Path, keyring: Keyring, make_bundle):
+    """The window of older agents: v2 committed, versions.json still says v1."""
+    from agent.errors import DowngradeError
+
+    store = make_store(tmp_path, keyring)
+    first = make_bundle(version=1)
+    v1 = store.install(first).bundle
+    v2 = store.install(make_bundle(version=2)).bundle
+    (store.state_dir / "pointers.json").write_text(json.dumps(
+        {"current": v2.slot, "previous": v1.slot, "pending": False}))
+    (store.state_dir / "versions.json").write_text(json.dumps(
+        {"tiny": {"version": 1, "digest": v1.digest}}))
+    again = make_store(tmp_path, keyring)
+    assert again.high_water("tiny") == (2, v2.digest)
+    again.rollback()  # the local way back is still open ...
+    with pytest.raises(DowngradeError):  # ... a replay of v1 from outside is not
+        again.install(make_bundle(version=1))
+
+
+def test_temp_files_and_unreferenced_slots_are_removed_on_start(tmp_path: Path, keyring: Keyring,
+                                                                make_bundle):
+    store = make_store(tmp_path, keyring)
+    v1 = store.install(make_bundle(version=1)).bundle
+    (store.state_dir / ".pointers.json.x1.tmp").write_text("{")
+    (v1.path / ".gate.json.x2.tmp").write_text("{")
+    orphan = store.slots_dir / "0123456789abcdef"  # renamed into place, never switched to
+    (orphan / "payload").mkdir(parents=True)
+    again = make_store(tmp_path, keyring)
+    assert slots(again) == {v1.slot}
+    assert not list(again.state_dir.glob(".*.tmp")) and not list(v1.path.glob(".*.tmp"))
+    assert again.current().slot == v1.slot  # type: ignore[union-attr]
+
+
+# --- every install/rollback error says what serves now (issue 12, item 10) ------------------------
+
+
+def broken_check(_b):
+    raise RuntimeError("does not load")
+
+
+def test_a_failed_first_install_does_not_claim_a_previous_model(store: Store, make_bundle):
+    with pytest.raises(InstallError) as e:
+        store.install(make_bundle(version=1), load_check=broken_check)
+    assert e.value.rolled_back
+    hint = e.value.diagnostics()
+    assert "previous model is still" not in hint and "first install" in hint
+    assert e.value.serving == "nothing (no model is installed)"
+    assert hint.endswith("Serving now: nothing (no model is installed).")
+
+
+def test_a_failed_upgrade_names_the_model_serving_again(store: Store, make_bundle):
+    v1 = store.install(make_bundle(version=1)).bundle
+    with pytest.raises(InstallError) as e:
+        store.install(make_bundle(version=2), load_check=broken_check)
+    assert e.value.serving == f"tiny v1 (slot {v1.slot})"
+    assert f"Serving now: tiny v1 (slot {v1.slot})." in e.value.diagnostics()
+
+
+def test_refused_bundles_and_rollbacks_name_what_serves(store: Store, make_bundle, tmp_path: Path):
+    from agent.bundle import SigningKey
+    from agent.errors import DowngradeError, SignatureError
+
+    with pytest.raises(SignatureError) as sig:
+        store.install(make_bundle(version=1, key=SigningKey.generate("stranger")))
+    assert "Serving now: nothing (no model is installed)." in sig.value.diagnostics()
+    with pytest.raises(StoreError) as rb:
+        store.rollback()
+    assert rb.value.serving == "nothing (no model is installed)"
+    v2 = store.install(make_bundle(version=2)).bundle
+    with pytest.raises(DowngradeError) as dg:
+        store.install(make_bundle(version=1))
+    assert dg.value.serving == f"tiny v2 (slot {v2.slot})"
+    with pytest.raises(StoreError, match="no previous") as rb2:
+        store.rollback()
+    assert f"Serving now: tiny v2 (slot {v2.slot})." in rb2.value.diagnostics()
+    with pytest.raises(InstallError) as missing:
+        store.install(tmp_path / "absent.bundle")
+    assert missing.value.serving == f"tiny v2 (slot {v2.slot})"
