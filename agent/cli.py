@@ -1,4 +1,5 @@
-"""``edgepack-agent``: the device CLI (probe, install, rollback, list, remove, status, infer).
+"""``edgepack-agent``: the device CLI (probe, install, rollback, list, remove, status, infer,
+keyring, run).
 
 Human status goes to stderr, machine output (``--json``) to stdout. Every flag has an environment
 default (EDGEPACK_*) so a systemd unit can configure the agent with an env file. Only
@@ -48,17 +49,24 @@ def _keyring_paths(args: argparse.Namespace) -> list[Path]:
     return [default] if default.exists() else []
 
 
+def _has_signed_keyring(args: argparse.Namespace) -> bool:
+    from agent.trust_store import TRUST_FILE
+
+    return (Path(args.state_dir) / TRUST_FILE).exists()
+
+
 def open_store(args: argparse.Namespace, *, need_keys: bool = False) -> Store:
-    from agent.bundle import load_keyring
     from agent.store import Store
+    from agent.trust_store import TrustStore
 
     paths = _keyring_paths(args)
-    if need_keys and not paths:
+    if need_keys and not paths and not _has_signed_keyring(args):
         raise KeyringError(
             "no trusted keyring: nothing can be installed",
             hint=f"Pass --keyring FILE or put one at {Path(args.state_dir) / 'keyring.json'}.",
         )
-    store = Store(Path(args.state_dir), load_keyring(paths))
+    # The root-signed keyring, once installed, is the only source of release keys.
+    store = Store(Path(args.state_dir), TrustStore(Path(args.state_dir), paths).release_keyring())
     if store.recovered:
         err(f"recovered: {store.recovered}")
     return store
@@ -200,6 +208,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         "current": cur.summary() if cur else None, "previous": prev.summary() if prev else None,
         "trusted_keys": [k.key_id for k in store.keyring.public_keys()],
         "recovered": store.recovered}
+    from agent.trust_store import TrustStore
+
+    trusted = TrustStore(store.state_dir).load()
+    out["keyring"] = trusted.summary() if trusted else None
+    out["current_signer_revoked"] = bool(cur and trusted and cur.manifest.signer_key_id in trusted.revoked)
     if args.json:
         dump(out)
     else:
@@ -254,13 +267,44 @@ def cmd_infer(args: argparse.Namespace) -> int:
 # --- service -------------------------------------------------------------------------------------
 
 
+def cmd_keyring(args: argparse.Namespace) -> int:
+    """``keyring update FILE`` (verified against the installed keyring) and ``keyring show``."""
+    from agent.trust_store import TrustStore
+
+    trust = TrustStore(Path(args.state_dir))
+    if args.sub == "update":
+        try:
+            data = Path(args.file).read_bytes()
+        except OSError as e:
+            raise KeyringError(f"cannot read {args.file}: {e}") from e
+        trusted, changed = trust.update(data, trust_on_first_use=args.init)
+        err(f"keyring v{trusted.version} " + ("installed" if changed else "already installed"))
+        out: dict[str, Any] | None = {**trusted.summary(), "changed": changed}
+    else:
+        t = trust.load()
+        out = t.summary() if t else None
+    if args.json:
+        dump(out)
+    elif out is None:
+        print("no root-signed keyring (release keys come from --keyring files)")
+    else:
+        print(f"version   {out['version']}\nroot      {', '.join(k[:16] for k in out['root_keys'])} "
+              f"(threshold {out['threshold']})")
+        for k in out["release_keys"]:
+            print(f"release   {k['key_id'][:16]} {k['name']}")
+        for r in out["revoked"]:
+            print(f"revoked   {r[:16]}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import signal
 
     from agent.daemon import Agent, AgentConfig
 
+    _apply_config(args)
     paths = _keyring_paths(args)
-    if not paths:
+    if not paths and not _has_signed_keyring(args):
         raise KeyringError("no trusted keyring: the agent could never install anything",
                            hint="Pass --keyring FILE or put one at STATE_DIR/keyring.json.")
     cfg = AgentConfig(
@@ -302,6 +346,7 @@ def cmd_install_service(args: argparse.Namespace) -> int:
 
     from agent.service import install_service
 
+    _apply_config(args)
     # A frozen agent binary installs itself, never whatever edgepack-agent is first on PATH.
     frozen = sys.executable if getattr(sys, "frozen", False) else None
     exe = args.exec_path or frozen or shutil.which("edgepack-agent") or sys.argv[0]
@@ -387,6 +432,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="one JSON object per chunk on stdout")
     s.set_defaults(func=cmd_infer)
 
+    kr = sub.add_parser("keyring", help="the root-signed keyring: which release keys are trusted")
+    krs = kr.add_subparsers(dest="sub", required=True)
+    s = krs.add_parser("update", help="install a newer signed keyring (verified by the current root)")
+    s.add_argument("file", help="a signed keyring from 'edgepack keys generate --root|rotate|revoke'")
+    s.add_argument("--init", action="store_true",
+                   help="this device has no signed keyring yet: trust this one's own root")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_keyring)
+    s = krs.add_parser("show", help="the installed keyring's version, roots, release and revoked keys")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_keyring)
+
     s = sub.add_parser("run", help="serve: MQTT births, health, commands, streamed inference")
     _add_mqtt_flags(s)
     s.add_argument("--health-interval", type=float,
@@ -443,6 +500,27 @@ def _add_mqtt_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--ca-file", default=env("MQTT_CA"), help="CA for mqtts:// [EDGEPACK_MQTT_CA]")
     s.add_argument("--cert-file", default=env("MQTT_CERT"), help="client cert [EDGEPACK_MQTT_CERT]")
     s.add_argument("--key-file", default=env("MQTT_KEY"), help="client key [EDGEPACK_MQTT_KEY]")
+    s.add_argument("--config", default=env("CONFIG") or None, metavar="FILE",
+                   help="device config from 'edgepack fleet enroll': its broker, fleet, device, "
+                        "credentials, CA and keyring replace the flags above [EDGEPACK_CONFIG]")
+
+
+def _apply_config(args: argparse.Namespace) -> None:
+    """Fill the MQTT flags (and the keyring, unless given) from ``--config``."""
+    if not getattr(args, "config", None):
+        return
+    from agent.device_config import load_device_config
+
+    c = load_device_config(args.config)
+    args.broker, args.fleet, args.device = c.broker, c.fleet, c.device
+    args.username, args.password = c.username, c.password
+    if c.ca_file:
+        args.ca_file = c.ca_file
+    if c.keyring:
+        if not args.keyring:
+            args.keyring = [c.keyring]
+        if hasattr(args, "service_keyring"):
+            args.service_keyring = c.keyring
 
 
 def main(argv: Sequence[str] | None = None) -> int:

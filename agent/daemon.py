@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from agent import __version__
 from agent import _systemd as systemd
 from agent._counters import Counters
-from agent.bundle import load_keyring
+from agent.bundle.trust import signer_revoked
 from agent.dispatch import CommandDispatcher
 from agent.errors import EdgepackError, TransportError
 from agent.gate import GateConfig
@@ -44,6 +44,7 @@ from agent.jobs import JobJournal
 from agent.protocol import (
     Command,
     InstallRequest,
+    KeyringRequest,
     ProbeRequest,
     ProtocolError,
     RollbackRequest,
@@ -60,6 +61,7 @@ from agent.resident import ResidentModel
 from agent.serving import InferenceServer
 from agent.store import Store
 from agent.transport.mqtt import Message, MqttTransport, Will
+from agent.trust_store import TrustStore
 
 if TYPE_CHECKING:
     from agent.http_api import HttpApi, HttpConfig
@@ -68,7 +70,7 @@ log = logging.getLogger("agent.daemon")
 _T = TypeVar("_T")
 
 COUNTERS = ("commands", "rejected", "busy", "duplicates", "replayed", "infer_errors",
-            "install_errors", "health_errors")
+            "install_errors", "health_errors", "expired", "bad_response_topic")
 
 
 @dataclass
@@ -134,7 +136,9 @@ class Agent:
         self.config = config
         self.clock = clock
         self.topics = Topics(config.fleet, config.device_id)
-        self.store = Store(config.state_dir, load_keyring(config.keyring))
+        # The root-signed keyring (STATE_DIR/trust.json) once there is one, else --keyring files.
+        self.trust = TrustStore(config.state_dir, config.keyring)
+        self.store = Store(config.state_dir, self.trust.release_keyring())
         self.started_at = time.monotonic()
         http_counters: tuple[str, ...] = ()
         if config.http is not None:
@@ -159,6 +163,7 @@ class Agent:
         )
         self.journal = JobJournal(config.state_dir / "jobs.json")
         self.dispatcher = CommandDispatcher(self.transport.publish, self.serving, self._control,
+                                            topics=self.topics,
                                             journal=self.journal, on_replay=self._replayed,
                                             counters=self.counters, clock=clock)
         self.transport.subscribe(self.topics.cmd_filter, qos=1, handler=self.dispatcher.on_command)
@@ -264,7 +269,7 @@ class Agent:
                 "fleet": self.config.fleet, "facts": self.facts(), "profile": self._profile(),
                 "bundles": [{**b.summary(), "role": role} for b, role in self.store.list()],
                 "current": cur.summary() if cur else None,
-                "recovered": self.store.recovered}
+                "recovered": self.store.recovered, "keyring": self._keyring_summary()}
 
     def _reading(self, what: str, fn: Callable[[], _T]) -> _T | None:
         # One health field: whatever fails (psutil.Error, OSError, a damaged store) reads as
@@ -289,7 +294,8 @@ class Agent:
         def current() -> dict[str, Any] | None:
             cur = self.store.current()
             return ({"slot": cur.slot, "digest": cur.digest, "model": cur.manifest.model_name,
-                     "version": cur.manifest.version, "quant": cur.manifest.target.quant}
+                     "version": cur.manifest.version, "quant": cur.manifest.target.quant,
+                     "signer_revoked": self._signer_revoked(cur.manifest.signer_key_id)}
                     if cur else None)
 
         usage = self.serving.last_usage
@@ -309,6 +315,7 @@ class Agent:
             "busy": self.serving.busy,
             "queue": self.serving.depth,
             "errors": self.counters.snapshot(),
+            "keyring_version": self._reading("keyring", self._keyring_version),
         }
 
     def http_health(self) -> dict[str, Any]:
@@ -369,6 +376,7 @@ class Agent:
     def _control(self, req: Command, msg: Message) -> dict[str, Any]:
         if isinstance(req, InstallRequest):
             job_id = req.job or (msg.correlation_data or secrets.token_bytes(8)).hex()[:32]
+            self._refresh_keys()  # `edgepack-agent keyring update` may have changed it meanwhile
             try:
                 return self.installer.install(req, job_id)
             finally:
@@ -380,6 +388,14 @@ class Agent:
                 self._announce_bundles()
         if isinstance(req, StatusRequest):
             return self.status()
+        if isinstance(req, KeyringRequest):
+            # Verified against the keyring held here (never trust-on-first-use over the network).
+            trusted, changed = self.trust.update(req.keyring.encode("utf-8"))
+            self._refresh_keys()
+            if changed:
+                log.info("keyring updated to v%d", trusted.version)
+                self._announce_bundles()
+            return {"keyring": trusted.summary(), "changed": changed}
         if isinstance(req, ProbeRequest):
             from agent.probe import probe
 
@@ -409,7 +425,35 @@ class Agent:
                 "model_loaded": self.model.slot, "busy": self.serving.busy,
                 "queue": self.serving.depth, "last_usage": self.serving.last_usage,
                 "last_install": self.installer.last_install, "last_gate": self.installer.last_gate,
-                "counters": self.counters.snapshot()}
+                "counters": self.counters.snapshot(), "keyring": self._keyring_summary(),
+                "current_signer_revoked": bool(cur) and self._signer_revoked(
+                    cur.manifest.signer_key_id if cur else None)}
+
+    # --- trust (agent.trust_store) ---------------------------------------------------------------
+
+    def _refresh_keys(self) -> None:
+        self.store.keyring = self.trust.release_keyring()
+
+    def _keyring_version(self) -> int | None:
+        trusted = self.trust.load()
+        return trusted.version if trusted else None
+
+    def _keyring_summary(self) -> dict[str, Any] | None:
+        try:
+            trusted = self.trust.load()
+        except EdgepackError as e:
+            log.warning("keyring: %s", e)
+            return {"error": str(e)}
+        return trusted.summary() if trusted else None
+
+    def _signer_revoked(self, key_id: str | None) -> bool:
+        # A current bundle signed by a since-revoked key keeps serving (policy: revocation refuses
+        # new installs; replacing what serves is the fleet's decision), but says so.
+        try:
+            trusted = self.trust.load()
+        except EdgepackError:
+            return False
+        return signer_revoked(key_id, trusted)
 
 
 __all__ = ["Agent", "AgentConfig"]

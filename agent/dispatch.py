@@ -1,6 +1,9 @@
 """Commands from MQTT: validate, drop duplicates, route, and answer every one of them.
 
-Runs on paho's network thread and never blocks it: (1) the payload is parsed strictly
+Runs on paho's network thread and never blocks it: (0) a command whose Response Topic is outside
+this device's own reply subtree (:func:`agent.protocol.check_response_topic`) is refused unanswered
+and unrun (counted ``bad_response_topic``): answering it would put words in another device's
+mouth; (1) the payload is parsed strictly
 (:func:`agent.protocol.parse_command`); a malformed one is answered with its error code at once,
 (2) a duplicate delivery (same correlation data, e.g. a QoS 1 resend around a broker restart) is
 dropped — except a named job (``job`` on install/rollback), which the journal answers instead,
@@ -9,6 +12,12 @@ dropped — except a named job (``job`` on install/rollback), which the journal 
 control worker, one at a time, and gets exactly one :class:`~agent.protocol.Reply`. A named job
 that the :class:`~agent.jobs.JobJournal` has finished is answered with the recorded reply and not
 run again; otherwise it is recorded ``running`` before it starts and with its reply after.
+
+Expiry: a command's MQTT 5 Message Expiry Interval, as delivered, is what is left of the host's
+interval after the broker held it; the dispatcher turns it into a local monotonic deadline on
+arrival (no wall clock: a device without an RTC may boot in 1970). A command already expired on
+arrival, or whose deadline passes while it waits behind others (the control queue, the inference
+queue), is dropped unrun and unanswered — nobody waits for it any more — and counted ``expired``.
 
 Nothing raised while handling or answering a command reaches paho or stops the control worker.
 """
@@ -36,6 +45,8 @@ from agent.protocol import (
     InferRequest,
     ProtocolError,
     Reply,
+    Topics,
+    check_response_topic,
     error_code,
     parse_command,
 )
@@ -50,6 +61,21 @@ SEEN_CORRELATIONS = 4096  # duplicate suppression memory
 Publish = Callable[..., None]  # MqttTransport.publish
 ControlHandler = Callable[[Command, Message], dict[str, Any]]
 ReplayHandler = Callable[[str, Command, dict[str, Any]], None]  # (job, request, recorded reply)
+
+
+def command_deadline(received: float, expiry: int | None) -> float | None:
+    """The monotonic time after which a command is stale, or None if it never expires.
+
+    Args:
+        received: the monotonic clock when the command arrived.
+        expiry: its Message Expiry Interval as delivered (seconds left), or None.
+    """
+    return None if expiry is None else received + expiry
+
+
+def is_expired(deadline: float | None, now: float) -> bool:
+    """True if a command with ``deadline`` (see :func:`command_deadline`) is stale at ``now``."""
+    return deadline is not None and now >= deadline
 
 
 class _Seen:
@@ -80,23 +106,30 @@ class CommandDispatcher:
         journal: outcomes of named jobs (None: jobs are not remembered across restarts).
         on_replay: told when a finished job is answered from the journal (to resend its final
             event).
-        counters: ``commands``, ``rejected``, ``busy``, ``duplicates`` and ``replayed`` are
-            counted here.
+        topics: this device's topics: replies go only to its reply subtree.
+        counters: ``commands``, ``rejected``, ``busy``, ``duplicates``, ``replayed``,
+            ``expired`` and ``bad_response_topic`` are counted here.
         clock: epoch seconds, for the journal.
+        monotonic: the clock command deadlines are kept on.
     """
 
     def __init__(self, publish: Publish, serving: InferenceServer, control: ControlHandler, *,
+                 topics: Topics,
                  journal: JobJournal | None = None, on_replay: ReplayHandler | None = None,
                  counters: Counters | None = None, control_queue: int = CONTROL_QUEUE,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self._publish = publish
         self.serving = serving
         self._control = control
+        self.topics = topics
         self.journal = journal
         self._on_replay = on_replay
         self.clock = clock
+        self._monotonic = monotonic
         self.counters = counters or Counters()
-        self._queue: queue.Queue[tuple[Command, Message] | None] = queue.Queue(control_queue)
+        self._queue: queue.Queue[tuple[Command, Message, float | None] | None] = \
+            queue.Queue(control_queue)
         self._seen = _Seen(SEEN_CORRELATIONS)
         self._thread: threading.Thread | None = None
 
@@ -118,6 +151,14 @@ class CommandDispatcher:
         name = msg.topic.rsplit("/", 1)[-1]
         try:
             self.counters.incr("commands")
+            deadline = command_deadline(self._monotonic(), msg.expiry)
+            if msg.response_topic is not None:
+                try:
+                    check_response_topic(self.topics, msg.response_topic)
+                except ProtocolError as e:
+                    self.counters.incr("bad_response_topic")
+                    log.warning("refused a %s command: %s (code %s)", name, e, e.code)
+                    return
             try:
                 if name not in COMMANDS:
                     raise ProtocolError(f"unknown command {name!r} (known: {', '.join(COMMANDS)})",
@@ -132,6 +173,8 @@ class CommandDispatcher:
             if not self._first_delivery(msg, _job_of(req)):
                 log.info("dropped a duplicate %s command", name)
                 return
+            if self._expired(name, deadline, "on arrival"):
+                return
             if isinstance(req, CancelRequest):
                 if self.serving.cancel(req.request_id):
                     self.reply(msg, Reply.success({"cancelled": req.request_id}))
@@ -139,12 +182,13 @@ class CommandDispatcher:
                     self.reply(msg, Reply.failure("not_found",
                                                   f"no running or queued request {req.request_id!r}"))
             elif isinstance(req, InferRequest):
-                if not self.serving.submit(InferJob(req, functools.partial(self.chunk, msg))):
+                if not self.serving.submit(InferJob(req, functools.partial(self.chunk, msg),
+                                                    deadline=deadline)):
                     self.chunk(msg, InferChunk.failure(
                         0, "busy", f"{self.serving.queue_size} requests are already waiting; retry later"))
             else:
                 try:
-                    self._queue.put_nowait((req, msg))
+                    self._queue.put_nowait((req, msg, deadline))
                 except queue.Full:
                     self.counters.incr("busy")
                     self.reply(msg, Reply.failure("busy", "the agent is busy with other commands"))
@@ -153,6 +197,14 @@ class CommandDispatcher:
             self.counters.incr("rejected")
             with contextlib.suppress(Exception):
                 self.reply(msg, Reply.failure("internal", f"internal error: {e}"))
+
+    def _expired(self, name: str, deadline: float | None, when: str) -> bool:
+        if not is_expired(deadline, self._monotonic()):
+            return False
+        self.counters.incr("expired")
+        log.info("dropped an expired %s command (%s): its Message Expiry Interval has passed",
+                 name, when)
+        return True
 
     def _first_delivery(self, msg: Message, job: str | None) -> bool:
         # A named job is never dropped: the journal answers it (a second reply is harmless; a
@@ -192,8 +244,10 @@ class CommandDispatcher:
 
     def _control_worker(self) -> None:
         while (item := self._queue.get()) is not None:
-            req, msg = item
+            req, msg, deadline = item
             job = _job_of(req)
+            if self._expired(req.NAME, deadline, "while queued"):
+                continue
             try:
                 recorded = self.journal.finished(job) if job and self.journal else None
                 if job and recorded is not None:
@@ -228,4 +282,4 @@ def _job_of(req: Command) -> str | None:
     return getattr(req, "job", None)
 
 
-__all__ = ["CONTROL_QUEUE", "CommandDispatcher"]
+__all__ = ["CONTROL_QUEUE", "CommandDispatcher", "command_deadline", "is_expired"]

@@ -10,11 +10,19 @@ Topic tree (``Topics``)::
     edgepack/v1/<fleet>/<device>/events       job progress of an install
     edgepack/v1/<fleet>/<device>/cmd/<name>   requests (host -> device), MQTT 5 Response Topic +
                                               Correlation Data say where the replies go
-    edgepack/v1/<fleet>/_clients/<client>/reply   a host's own reply topic
+    edgepack/v1/<fleet>/<device>/reply/<client>   the device's replies to host client <client>
 
 Invariants:
 - Fleet, device and client ids match ``[A-Za-z0-9_-]{1,64}``; device ids must not start with
-  ``_`` (that namespace holds ``_clients``, which a device must never own through an ACL pattern).
+  ``_`` (reserved for host-side namespaces, which a device must never own through an ACL pattern).
+- Replies live in the replying device's own subtree (``<device>/reply/<client>``), so the broker
+  ACL that confines a device to ``<device>/...`` also keeps it from answering for another device.
+  The agent answers only on a Response Topic inside its own ``reply/`` subtree
+  (:func:`check_response_topic`); the host accepts a reply only on the topic of the device it
+  asked (:meth:`Topics.reply`).
+- Every command a host sends carries an MQTT 5 Message Expiry Interval (:data:`COMMAND_EXPIRY`):
+  the broker drops it once expired, and the agent drops one that expired while queued behind
+  others on the device.
 - Everything arriving from the network goes through :func:`parse_command` (or ``from_bytes``),
   which returns a typed, range-checked request or raises :class:`ProtocolError` — never anything
   else, whatever the bytes (a property test holds us to it). The agent answers a ``ProtocolError``
@@ -48,6 +56,7 @@ from agent.errors import (
     InferenceError,
     InstallError,
     InsufficientResourcesError,
+    KeyringError,
     ManifestError,
     RuntimeUnavailableError,
     SignatureError,
@@ -61,13 +70,22 @@ PREFIX: Final = "edgepack/v1"
 SCHEMA: Final = 1
 MAX_PAYLOAD_BYTES: Final = 64 << 10  # 64 KiB: a command is small; refuse before parsing
 MAX_PROMPT_CHARS: Final = 32_768
-COMMANDS: Final = ("install", "rollback", "status", "probe", "infer", "cancel")
+MAX_KEYRING_CHARS: Final = 48 << 10  # a signed keyring (agent.bundle.trust.MAX_TRUST_BYTES)
+COMMANDS: Final = ("install", "rollback", "status", "probe", "infer", "cancel", "keyring")
 STATES: Final = ("online", "offline", "lost")
 EVENT_STAGES: Final = (
     "downloading", "verified", "installed", "benchmarked", "committed", "rolled_back", "failed",
 )
 DEVICE_KINDS: Final = ("state", "birth", "health", "events", "cmd")
-CLIENTS_SEGMENT: Final = "_clients"
+REPLY_SEGMENT: Final = "reply"
+# Message Expiry Interval per command, seconds: how long a command may wait (in the broker's
+# session for an offline device, then in the device's queue) before running it is pointless.
+# Interactive commands are short (nobody waits a day for a status); an install is long (a rollout
+# waits for devices that are offline at dispatch, and its own timeout resends it).
+COMMAND_EXPIRY: Final[dict[str, int]] = {
+    "status": 60, "probe": 120, "cancel": 60, "infer": 120, "rollback": 3_600, "install": 86_400,
+    "keyring": 86_400,
+}
 ERROR_CODES: Final = (
     "bad_json", "not_object", "unknown_command", "bad_field", "missing_field", "unknown_field",
     "too_large",
@@ -121,7 +139,7 @@ def check_id(value: object, what: str = "id") -> str:
         ProtocolError: ``bad_field`` if it is not a str matching ``[A-Za-z0-9_-]{1,64}`` (so it
             can hold no MQTT wildcard, separator or control character).
     """
-    if not isinstance(value, str) or not _ID.match(value):
+    if not isinstance(value, str) or not _ID.fullmatch(value):  # match() admits a final "\n"
         raise ProtocolError(f"bad {what} {value!r}: want [A-Za-z0-9_-]{{1,64}}", code="bad_field",
                             field=what)
     return value
@@ -198,14 +216,57 @@ class Topics:
             raise ProtocolError(f"unknown command {name!r}", code="unknown_command", field="name")
         return f"{self.base}/cmd/{name}"
 
+    @property
+    def reply_prefix(self) -> str:
+        """The start of every reply topic of this device (its own subtree, under the ACL)."""
+        return f"{self.base}/{REPLY_SEGMENT}/"
 
-def reply_topic(fleet: str, client_id: str) -> str:
-    """The reply topic of host client ``client_id``: ``edgepack/v1/<fleet>/_clients/<id>/reply``.
+    def reply(self, client_id: str) -> str:
+        """The topic this device answers host client ``client_id`` on:
+        ``edgepack/v1/<fleet>/<device>/reply/<client>``.
+
+        Raises:
+            ProtocolError: a malformed client id.
+        """
+        return self.reply_prefix + check_id(client_id, "client")
+
+
+def reply_filter(fleet: str, client_id: str) -> str:
+    """The subscription of host client ``client_id`` to its replies from every device of ``fleet``:
+    ``edgepack/v1/<fleet>/+/reply/<client>``. The device level says who answered; check it
+    against the device that was asked.
 
     Raises:
         ProtocolError: a malformed fleet or client id.
     """
-    return f"{PREFIX}/{check_id(fleet, 'fleet')}/{CLIENTS_SEGMENT}/{check_id(client_id, 'client')}/reply"
+    return f"{PREFIX}/{check_id(fleet, 'fleet')}/+/{REPLY_SEGMENT}/{check_id(client_id, 'client')}"
+
+
+def check_response_topic(topics: Topics, response_topic: str) -> str:
+    """Return ``response_topic`` if the device of ``topics`` may answer on it.
+
+    A device answers only inside its own reply subtree, ``<device>/reply/<client>``: never on
+    another device's topics or outside the tree, whoever asked (a broker without our ACL, a
+    confused or hostile publisher must not turn one device into a forger of another's replies).
+
+    Args:
+        topics: the answering device's topics.
+        response_topic: the MQTT 5 Response Topic of a command.
+
+    Returns:
+        ``response_topic`` unchanged.
+
+    Raises:
+        ProtocolError: ``bad_response_topic`` for any other topic (wildcards included).
+    """
+    prefix = topics.reply_prefix
+    client = response_topic[len(prefix):] if isinstance(response_topic, str) else ""
+    if not (isinstance(response_topic, str) and response_topic.startswith(prefix)
+            and _ID.fullmatch(client)):
+        raise ProtocolError(f"response topic {str(response_topic)[:200]!r} is outside this device's "
+                            f"reply subtree {prefix}<client>", code="bad_response_topic",
+                            field="response_topic")
+    return response_topic
 
 
 def fleet_filter(fleet: str, kind: str = "#") -> str:
@@ -228,8 +289,8 @@ def fleet_filter(fleet: str, kind: str = "#") -> str:
 
 @dataclass(frozen=True)
 class TopicInfo:
-    """A parsed topic. ``kind`` is a device kind or ``"reply"`` (then ``device`` is the client id);
-    ``name`` is the command name for ``cmd`` topics, else ``""``."""
+    """A parsed topic. ``kind`` is a device kind or ``"reply"``; ``name`` is the command name for
+    ``cmd`` topics, the host client id for ``reply`` topics, else ``""``."""
 
     fleet: str
     device: str
@@ -257,12 +318,12 @@ def parse_topic(topic: str) -> TopicInfo:
         raise ProtocolError(f"topic {topic!r} is not under {PREFIX}/", code="bad_field", field="topic")
     fleet, device, rest = parts[2], parts[3], parts[4:]
     check_id(fleet, "fleet")
-    if device == CLIENTS_SEGMENT:
-        if len(rest) != 2 or rest[1] != "reply":
-            raise ProtocolError(f"bad reply topic {topic!r}", code="bad_field", field="topic")
-        return TopicInfo(fleet, check_id(rest[0], "client"), "reply")
     DeviceId(fleet, device)
     kind = rest[0]
+    if kind == REPLY_SEGMENT:
+        if len(rest) != 2:
+            raise ProtocolError(f"bad reply topic {topic!r}", code="bad_field", field="topic")
+        return TopicInfo(fleet, device, "reply", check_id(rest[1], "client"))
     if kind == "cmd":
         if len(rest) != 2:
             raise ProtocolError(f"bad command topic {topic!r}", code="bad_field", field="topic")
@@ -480,6 +541,18 @@ class InferRequest(_Request):
 
 
 @dataclass(frozen=True)
+class KeyringRequest(_Request):
+    """Replace the device's root-signed keyring with ``keyring`` (the signed-keyring file's text,
+    agent/bundle/trust.py); the device verifies it against the keyring it holds."""
+
+    NAME: ClassVar[str] = "keyring"
+    keyring: str
+
+    def __post_init__(self) -> None:
+        _check_str("keyring", self.keyring, 2, MAX_KEYRING_CHARS)
+
+
+@dataclass(frozen=True)
 class CancelRequest(_Request):
     """Cancel the running inference whose ``request_id`` is given."""
 
@@ -501,10 +574,12 @@ def _check_job(v: object) -> None:
 
 Command: TypeAlias = (
     InstallRequest | RollbackRequest | StatusRequest | ProbeRequest | InferRequest | CancelRequest
+    | KeyringRequest
 )
 REQUEST_TYPES: Final[dict[str, type[_Request]]] = {
     c.NAME: c
-    for c in (InstallRequest, RollbackRequest, StatusRequest, ProbeRequest, InferRequest, CancelRequest)
+    for c in (InstallRequest, RollbackRequest, StatusRequest, ProbeRequest, InferRequest, CancelRequest,
+              KeyringRequest)
 }
 
 
@@ -632,7 +707,7 @@ _ERROR_CODES: Final[tuple[tuple[type[BaseException], str], ...]] = (
     (ManifestError, "bad_manifest"), (InsufficientResourcesError, "insufficient_resources"),
     (InstallError, "install_failed"), (TransportError, "download_failed"),
     (StoreError, "store"), (RuntimeUnavailableError, "runtime_unavailable"),
-    (InferenceError, "inference_failed"),
+    (InferenceError, "inference_failed"), (KeyringError, "bad_keyring"),
 )
 
 
@@ -809,10 +884,10 @@ def parse_status(payload: bytes) -> dict[str, Any]:
 
 
 __all__ = [
-    "COMMANDS", "EVENT_STAGES", "MAX_PAYLOAD_BYTES", "PREFIX", "SCHEMA", "STATES", "CancelRequest",
-    "Command", "DeviceId", "InferChunk", "InferRequest", "InstallRequest", "ProbeRequest",
-    "ProtocolError", "Reply", "RollbackRequest", "StatusRequest", "TopicInfo", "Topics",
-    "birth_payload", "check_id", "decode_object", "default_device_id", "error_code", "event_payload",
-    "fleet_filter", "health_payload",
-    "parse_command", "parse_state", "parse_status", "parse_topic", "reply_topic", "state_payload",
+    "COMMANDS", "COMMAND_EXPIRY", "EVENT_STAGES", "MAX_PAYLOAD_BYTES", "PREFIX", "SCHEMA", "STATES",
+    "CancelRequest", "Command", "DeviceId", "InferChunk", "InferRequest", "InstallRequest",
+    "KeyringRequest", "ProbeRequest", "ProtocolError", "Reply", "RollbackRequest", "StatusRequest",
+    "TopicInfo", "Topics", "birth_payload", "check_id", "check_response_topic", "decode_object",
+    "default_device_id", "error_code", "event_payload", "fleet_filter", "health_payload",
+    "parse_command", "parse_state", "parse_status", "parse_topic", "reply_filter", "state_payload",
 ]

@@ -49,6 +49,9 @@ class InferJob:
             None: ``request.prompt`` is the one user turn (or the text to complete).
         on_start: told which bundle serves the job, once it is loaded and before the first
             token (a door that names the model in its answer); called on the worker thread.
+        deadline: the server's monotonic clock past which nobody waits for the answer (an
+            expired MQTT command): the job is then dropped unrun and unanswered, counted
+            ``expired``. None: no deadline.
     """
 
     request: InferRequest
@@ -56,6 +59,7 @@ class InferJob:
     cancel: threading.Event = field(default_factory=threading.Event)
     messages: tuple[dict[str, str], ...] | None = None
     on_start: Callable[[InstalledBundle], None] | None = None
+    deadline: float | None = None
 
 
 class InferenceServer:
@@ -66,13 +70,16 @@ class InferenceServer:
         current: returns the bundle that should serve now (None: nothing installed).
         queue_size: waiting requests before :meth:`submit` refuses.
         chunk_interval: seconds of text coalesced per chunk after the first; 0 = one per token.
-        counters: ``infer_errors`` and ``busy`` are counted here.
+        counters: ``infer_errors``, ``busy`` and ``expired`` are counted here.
+        monotonic: the clock job deadlines are on.
     """
 
     def __init__(self, model: ResidentModel, current: Callable[[], InstalledBundle | None], *,
                  queue_size: int = 4, chunk_interval: float = 0.05,
-                 counters: Counters | None = None) -> None:
+                 counters: Counters | None = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.model = model
+        self._monotonic = monotonic
         self._current = current
         self.queue_size = queue_size
         self.chunk_interval = chunk_interval
@@ -161,6 +168,10 @@ class InferenceServer:
         req = job.request
         if job.cancel.is_set():
             job.emit(InferChunk(0, "", True, {"finish_reason": "cancelled", "completion_tokens": 0}))
+            return
+        if job.deadline is not None and self._monotonic() >= job.deadline:
+            self.counters.incr("expired")
+            log.info("dropped an expired inference request (it waited past its expiry)")
             return
         seq = 0
         self._busy.set()

@@ -298,6 +298,9 @@ class SimDevice:
         elif isinstance(req, ProbeRequest):
             self._done(req, msg, job, Reply.success({"facts": self.facts(runtimes=req.runtimes),
                                                      "profile": self.profile.name}))
+        else:  # e.g. cmd/keyring: simulated devices hold no keyring; answer, never wedge the queue
+            self._done(req, msg, job, Reply.failure("unknown_command",
+                                                    f"a simulated device does not do {req.NAME}"))
 
     def _finished(self, job: str) -> dict[str, Any] | None:
         entry = self.journal.get(job)

@@ -9,7 +9,8 @@ is not an ephemeral port, so we pick free ports ourselves; it is ready only once
 
 Auth mode writes a ``password_file`` in mosquitto's PBKDF2-SHA512 ``$7$`` format from Python and an
 ``acl_file`` that confines each device (user name = device id) to its own subtree, read-only on its
-``cmd/`` topics; controller users may read and write the whole tree. TLS mode makes a CA and a
+``cmd/`` topics and write-only on its ``reply/`` topics; controller users may read and write the
+whole tree. TLS mode makes a CA and a
 server certificate (SAN 127.0.0.1 and localhost) with ``cryptography``.
 """
 
@@ -67,8 +68,8 @@ def acl_text(controllers: tuple[str, ...]) -> str:
         "pattern write edgepack/v1/+/%u/birth",
         "pattern write edgepack/v1/+/%u/health",
         "pattern write edgepack/v1/+/%u/events",
-        "# replies go to the requesting host's own reply topic",
-        "pattern write edgepack/v1/+/_clients/+/reply",
+        "# replies stay in the replying device's own subtree: no device can answer for another",
+        "pattern write edgepack/v1/+/%u/reply/+",
     ]
     for c in controllers:
         lines += ["", f"user {c}", "topic readwrite edgepack/v1/#"]

@@ -396,6 +396,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     s.add_argument("device")
     s.add_argument("request_id")
 
+    from fleet import enroll
+
+    enroll.add_arguments(command("enroll", "give a device its own broker account and config file", None),
+                         command("revoke", "remove a device's broker account", None))
+
     from fleet import simulator
 
     s = command("simulate", "simulate N devices on the real protocol in one process (fleet scale)",

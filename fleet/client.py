@@ -33,6 +33,7 @@ from agent.protocol import (
     InferChunk,
     InferRequest,
     InstallRequest,
+    KeyringRequest,
     ProbeRequest,
     ProtocolError,
     Reply,
@@ -214,7 +215,7 @@ class FleetClient:
     Args:
         broker_url: ``mqtt://host:port`` or ``mqtts://host:port``.
         fleet: the fleet id.
-        client_id: MQTT client id (names our reply topic); default a random ``host-<hex>``.
+        client_id: MQTT client id (names our reply topics); default a random ``host-<hex>``.
         username, password: broker credentials (a controller account under an ACL).
         ca_file: CA bundle for ``mqtts``.
         connect_timeout: seconds to reach the broker in :meth:`__enter__`.
@@ -332,6 +333,20 @@ class FleetClient:
             TransportError, ProtocolError: as :meth:`status`.
         """
         return self._call(device, CancelRequest(request_id), timeout)
+
+    def keyring(self, device: str, document: bytes, *,
+                timeout: float = COMMAND_TIMEOUT) -> dict[str, Any]:
+        """Send a root-signed keyring (``edgepack keys generate --root|rotate|revoke``).
+
+        Returns:
+            ``{"keyring": {version, root_keys, release_keys, revoked, ...}, "changed": bool}``.
+
+        Raises:
+            DeviceCommandError: refused: ``downgrade`` (not newer than the device's),
+                ``signature`` (not signed by the device's current root), ``bad_keyring``.
+            TransportError, ProtocolError: as :meth:`status`.
+        """
+        return self._call(device, KeyringRequest(document.decode("utf-8", "replace")), timeout)
 
     def install(self, device: str, url: str, sha256: str, size: int, *,
                 on_event: Callable[[dict[str, Any]], None] | None = None,

@@ -11,7 +11,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from agent._cli import dump, err
 from agent.errors import ProfileError
@@ -180,12 +180,80 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
     from packager.keys import generate_key_files
 
     kf = generate_key_files(args.name, Path(args.output), force=args.force)
+    if not args.root:
+        if args.json:
+            _dump({"key_id": kf.key.key_id, "private": str(kf.private), "keyring": str(kf.keyring)})
+        else:
+            print(f"key id:   {kf.key.key_id}\nprivate:  {kf.private} (keep on the build host)\n"
+                  f"keyring:  {kf.keyring} (copy to devices: edgepack-agent --keyring {kf.keyring.name})")
+        return 0
+    # A root key: it signs the first keyring (version 1) trusting the given release keys.
+    from packager.keys import SIGNED_KEYRING_NAME, load_public_keys, next_keyring, sign_with
+
+    release = [k for f in args.release or () for k in load_public_keys(f)]
+    ring = next_keyring(None, add=release, roots=[kf.key.public])
+    out = Path(args.output) / SIGNED_KEYRING_NAME
+    _write_keyring(out, sign_with(ring, [kf.key]), force=args.force)
+    return _show_keyring(args, out, ring, private=str(kf.private))
+
+
+def _write_keyring(path: Path, doc: bytes, *, force: bool = True) -> None:
+    from agent._fs import atomic_write
+    from agent.errors import KeyringError
+
+    if path.exists() and not force:
+        raise KeyringError(f"{path} exists", hint="Use 'edgepack keys rotate' to make its next version.")
+    atomic_write(path, doc)
+
+
+def _read_keyring(path: str) -> tuple[bytes, Any]:
+    from agent.bundle.trust import verify_keyring_update
+    from agent.errors import KeyringError
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise KeyringError(f"cannot read {path}: {e}",
+                           hint="Make one with 'edgepack keys generate --root'.") from e
+    return data, verify_keyring_update(data, None, trust_on_first_use=True)
+
+
+def _show_keyring(args: argparse.Namespace, path: Path, ring: Any, **extra: str) -> int:
     if args.json:
-        _dump({"key_id": kf.key.key_id, "private": str(kf.private), "keyring": str(kf.keyring)})
-    else:
-        print(f"key id:   {kf.key.key_id}\nprivate:  {kf.private} (keep on the build host)\n"
-              f"keyring:  {kf.keyring} (copy to devices: edgepack-agent --keyring {kf.keyring.name})")
+        _dump({**ring.summary(), "keyring": str(path), **extra})
+        return 0
+    print(f"keyring:  {path} v{ring.version} (devices: edgepack-agent keyring update {path.name})")
+    print(f"root:     {', '.join(k.key_id[:16] for k in ring.root_keys)} "
+          f"(threshold {ring.threshold})")
+    for k in ring.release_keys:
+        print(f"release:  {k.key_id[:16]} {k.name}")
+    for r in sorted(ring.revoked):
+        print(f"revoked:  {r[:16]}")
+    for name, value in extra.items():
+        print(f"{name}:  {value}")
     return 0
+
+
+def cmd_keys_change(args: argparse.Namespace) -> int:
+    """``keys rotate`` and ``keys revoke``: the keyring's next version, signed by the root."""
+    from packager.keys import load_public_keys, load_signing_key, next_keyring, sign_with
+
+    _, current = _read_keyring(args.keyring)
+    signers = [load_signing_key(f) for f in args.root_key]
+    new_roots = [load_signing_key(f) for f in args.new_root or ()]
+    ring = next_keyring(
+        current, add=[k for f in getattr(args, "add", None) or () for k in load_public_keys(f)],
+        remove=getattr(args, "remove", None) or [], revoke=getattr(args, "key_ids", None) or [],
+        roots=[k.public for k in new_roots] or None, threshold=args.threshold)
+    doc = sign_with(ring, [*signers, *new_roots], current)
+    path = Path(args.output or args.keyring)
+    _write_keyring(path, doc)
+    return _show_keyring(args, path, ring)
+
+
+def cmd_keys_show(args: argparse.Namespace) -> int:
+    _, ring = _read_keyring(args.keyring)
+    return _show_keyring(args, Path(args.keyring), ring)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -374,8 +442,39 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     s.add_argument("--name", default="release")
     s.add_argument("-o", "--output", default="keys")
     s.add_argument("--force", action="store_true")
+    s.add_argument("--root", action="store_true",
+                   help="a root key: also write OUTPUT/keyring.signed.json (version 1), trusting "
+                        "the --release keys")
+    s.add_argument("--release", action="append", metavar="PUB",
+                   help="with --root: a release key (NAME.pub.json or NAME.key) to trust, repeatable")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_keys_generate)
+
+    def keyring_change(name: str, text: str) -> argparse.ArgumentParser:
+        s = keys.add_parser(name, help=text)
+        s.add_argument("--keyring", default="keys/keyring.signed.json",
+                       help="the current signed keyring (rewritten unless -o)")
+        s.add_argument("--root-key", action="append", required=True, metavar="KEY",
+                       help="a current root private key, repeatable (as many as the threshold)")
+        s.add_argument("--new-root", action="append", metavar="KEY",
+                       help="rotate the root to these private keys (they sign too), repeatable")
+        s.add_argument("--threshold", type=int, help="root signatures the next update needs")
+        s.add_argument("-o", "--output", help="write the new version here instead")
+        s.add_argument("--json", action="store_true")
+        s.set_defaults(func=cmd_keys_change)
+        return s
+
+    s = keyring_change("rotate", "next keyring version: add/remove release keys, or a new root")
+    s.add_argument("--add", action="append", metavar="PUB", help="release key to trust, repeatable")
+    s.add_argument("--remove", action="append", metavar="KEY_ID",
+                   help="release key to stop trusting (not revoked), repeatable")
+    s = keyring_change("revoke", "next keyring version: these keys are never trusted again")
+    s.add_argument("key_ids", nargs="+", metavar="KEY_ID", help="key id or a unique prefix (>= 8)")
+
+    s = keys.add_parser("show", help="the signed keyring's version, roots, release and revoked keys")
+    s.add_argument("--keyring", default="keys/keyring.signed.json")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_keys_show)
 
     s = sub.add_parser("build", help="build, measure and sign bundles")
     s.add_argument("--model", required=True,

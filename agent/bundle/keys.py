@@ -56,6 +56,24 @@ class PublicKey:
         return {"key_id": self.key_id, "algorithm": "ed25519", "public": self.raw.hex(),
                 "name": self.name}
 
+    @classmethod
+    def from_dict(cls, item: object, what: str = "keyring") -> PublicKey:
+        """Parse a :meth:`to_dict` entry; its ``key_id`` must match its key.
+
+        Raises:
+            KeyringError: not an ed25519 entry, bad hex, or an id that does not match.
+        """
+        if not isinstance(item, dict) or item.get("algorithm") != "ed25519":
+            raise KeyringError(f"{what} entries must be ed25519 keys")
+        try:
+            raw = bytes.fromhex(str(item.get("public", "")))
+        except ValueError as err:
+            raise KeyringError(f"{what} public key is not hex") from err
+        k = cls(raw, str(item.get("name", ""))[:128])
+        if item.get("key_id") != k.key_id:
+            raise KeyringError(f"{what} entry {str(item.get('key_id'))[:64]!r} does not match its key")
+        return k
+
 
 class SigningKey:
     """An Ed25519 private key (host only: lives in the packager's key file, never on a device)."""
@@ -106,12 +124,20 @@ class SigningKey:
 
 
 class Keyring:
-    """The set of public keys a device trusts, by key id."""
+    """The set of public keys a device trusts, by key id.
 
-    def __init__(self, keys: list[PublicKey] | None = None) -> None:
+    ``revoked`` names key ids that are never trusted (from the root-signed keyring,
+    agent/bundle/trust.py): a revoked key is left out even if listed, and a signature by one is
+    refused as revoked rather than as unknown.
+    """
+
+    def __init__(self, keys: list[PublicKey] | None = None, *,
+                 revoked: Iterable[str] = ()) -> None:
+        self.revoked = frozenset(revoked)
         self._keys: dict[str, PublicKey] = {}
         for k in keys or []:
-            self._keys[k.key_id] = k
+            if k.key_id not in self.revoked:
+                self._keys[k.key_id] = k
 
     def __contains__(self, key_id: object) -> bool:
         return key_id in self._keys
@@ -126,7 +152,8 @@ class Keyring:
         return list(self._keys.values())
 
     def merged(self, other: Keyring) -> Keyring:
-        return Keyring([*self.public_keys(), *other.public_keys()])
+        return Keyring([*self.public_keys(), *other.public_keys()],
+                       revoked=self.revoked | other.revoked)
 
     def to_bytes(self) -> bytes:
         doc = {"format": KEYRING_FORMAT, "keys": [k.to_dict() for k in self._keys.values()]}
@@ -150,19 +177,7 @@ class Keyring:
         entries = doc.get("keys")
         if not isinstance(entries, list):
             raise KeyringError("keyring.keys must be a list")
-        keys = []
-        for item in entries:
-            if not isinstance(item, dict) or item.get("algorithm") != "ed25519":
-                raise KeyringError("keyring entries must be ed25519 keys")
-            try:
-                raw = bytes.fromhex(str(item.get("public", "")))
-            except ValueError as err:
-                raise KeyringError("keyring public key is not hex") from err
-            k = PublicKey(raw, str(item.get("name", "")))
-            if item.get("key_id") != k.key_id:
-                raise KeyringError(f"keyring entry {item.get('key_id')!r} does not match its key")
-            keys.append(k)
-        return cls(keys)
+        return cls([PublicKey.from_dict(item) for item in entries])
 
 
 def load_keyring(paths: Iterable[Path]) -> Keyring:

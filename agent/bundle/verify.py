@@ -91,6 +91,11 @@ def trusted_signer(data: bytes, signature_bytes: bytes, keyring: Keyring, *,
         if key is not None and key.verify(s.sig, data):
             return key
     known = [s.key_id[:16] for s in signatures if s.key_id in keyring]
+    revoked = [s.key_id[:16] for s in signatures if s.key_id in keyring.revoked]
+    if revoked and not known:
+        raise SignatureError(
+            f"the {owner} is signed by revoked key {revoked[0]}: it is never trusted again",
+            hint="Re-sign it with a current release key ('edgepack keys rotate').")
     if known:
         raise SignatureError(
             f"the signature by trusted key {known[0]} does not match the {document} bytes "

@@ -1,10 +1,16 @@
 """Host-side request/response over MQTT 5: send a command, collect the replies meant for it.
 
-Workflow: (1) the client subscribes once to its own reply topic
-``edgepack/v1/<fleet>/_clients/<client-id>/reply``; (2) each request gets fresh random Correlation
-Data and a queue; (3) the request is published to the device's ``cmd/<name>`` with that Response
-Topic and Correlation Data; (4) replies carrying that correlation are routed to that queue, others
-(late replies of abandoned requests) are dropped; (5) closing the request forgets the queue.
+Workflow: (1) the client subscribes once to its replies from every device of the fleet,
+``edgepack/v1/<fleet>/+/reply/<client-id>``; (2) each request gets fresh random Correlation Data,
+a queue, and the reply topic inside the asked device's own subtree
+(``edgepack/v1/<fleet>/<device>/reply/<client-id>``) as its Response Topic; (3) the request is
+published to the device's ``cmd/<name>`` with that Response Topic, Correlation Data and a Message
+Expiry Interval (:data:`agent.protocol.COMMAND_EXPIRY` unless told otherwise), so a command to an
+offline device is not run long after anyone waits for it; (4) a reply is routed to the queue of
+its correlation only if it arrived on that request's reply topic — the broker ACL lets only the
+asked device publish there, so another device that learned the correlation cannot answer for it
+(counted in :attr:`RequestClient.misrouted`); replies of abandoned requests are dropped;
+(5) closing the request forgets the queue.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from collections.abc import Iterator
 from types import TracebackType
 
 from agent.errors import TransportError
-from agent.protocol import Command, InferChunk, Reply, Topics, reply_topic
+from agent.protocol import COMMAND_EXPIRY, Command, InferChunk, Reply, Topics, reply_filter
 from agent.transport.mqtt import Message, MqttTransport
 
 log = logging.getLogger(__name__)
@@ -30,9 +36,12 @@ class PendingRequest:
     Use as a context manager (or call :meth:`close`) so late replies stop being queued.
     """
 
-    def __init__(self, owner: RequestClient, correlation: bytes, timeout: float) -> None:
+    def __init__(self, owner: RequestClient, correlation: bytes, timeout: float, *,
+                 device: str = "", reply_topic: str = "") -> None:
         self.correlation = correlation
         self.timeout = timeout
+        self.device = device
+        self.reply_topic = reply_topic  # the only topic a reply to this request is accepted on
         self._owner = owner
         self._queue: queue.Queue[Message] = queue.Queue(MAX_QUEUED_REPLIES)
 
@@ -73,8 +82,12 @@ class RequestClient:
 
     Args:
         transport: a started (or about to be started) :class:`MqttTransport`; its client id must
-            be a valid id (``[A-Za-z0-9_-]{1,64}``) as it names the reply topic.
+            be a valid id (``[A-Za-z0-9_-]{1,64}``) as it names the reply topics.
         fleet: the fleet id.
+
+    Attributes:
+        misrouted: replies dropped because they carried a pending request's correlation but
+            arrived on another device's reply topic (a forgery, or a confused device).
 
     Raises:
         ProtocolError: a malformed fleet or client id.
@@ -85,12 +98,22 @@ class RequestClient:
     def __init__(self, transport: MqttTransport, fleet: str) -> None:
         self.transport = transport
         self.fleet = fleet
-        self.reply_topic = reply_topic(fleet, transport.client_id)
+        self.reply_filter = reply_filter(fleet, transport.client_id)
+        self.misrouted = 0
         self._pending: dict[bytes, PendingRequest] = {}
-        transport.subscribe(self.reply_topic, qos=1, handler=self._on_reply)
+        transport.subscribe(self.reply_filter, qos=1, handler=self._on_reply)
+
+    def reply_topic(self, device: str) -> str:
+        """The Response Topic of our requests to ``device`` (inside that device's subtree).
+
+        Raises:
+            ProtocolError: a malformed device id.
+        """
+        return Topics(self.fleet, device).reply(self.transport.client_id)
 
     def request(self, device: str, command: str, payload: bytes | Command, *,
-                timeout: float = 10.0, ack_timeout: float | None = None) -> PendingRequest:
+                timeout: float = 10.0, ack_timeout: float | None = None,
+                expiry: int | None = None) -> PendingRequest:
         """Publish a command and return the handle its replies arrive on.
 
         Args:
@@ -101,6 +124,9 @@ class RequestClient:
             ack_timeout: if given, first wait up to this many seconds for the broker to
                 acknowledge the command (it then holds it, e.g. for a device that is offline with
                 a persistent session).
+            expiry: the command's Message Expiry Interval, seconds; default
+                :data:`agent.protocol.COMMAND_EXPIRY` for ``command``. Past it the broker
+                discards the command and the agent drops it unrun.
 
         Returns:
             A :class:`PendingRequest`; close it when done.
@@ -110,14 +136,17 @@ class RequestClient:
             TransportError: the publish failed, or the broker refused or did not acknowledge it
                 within ``ack_timeout``.
         """
-        topic = Topics(self.fleet, device).cmd(command)
+        topics = Topics(self.fleet, device)
+        topic = topics.cmd(command)
+        reply_to = topics.reply(self.transport.client_id)
         data = payload if isinstance(payload, bytes) else payload.to_bytes()
         correlation = secrets.token_bytes(16)
-        pending = PendingRequest(self, correlation, timeout)
+        pending = PendingRequest(self, correlation, timeout, device=device, reply_topic=reply_to)
         self._pending[correlation] = pending
         try:
-            self.transport.publish(topic, data, qos=1, response_topic=self.reply_topic,
-                                   correlation_data=correlation, timeout=ack_timeout)
+            self.transport.publish(topic, data, qos=1, response_topic=reply_to,
+                                   correlation_data=correlation, timeout=ack_timeout,
+                                   expiry=COMMAND_EXPIRY[command] if expiry is None else expiry)
         except TransportError:
             self._forget(correlation)
             raise
@@ -182,6 +211,12 @@ class RequestClient:
         p = self._pending.get(msg.correlation_data or b"")
         if p is None:
             log.debug("dropped a reply without a pending request on %s", msg.topic)
+            return
+        if msg.topic != p.reply_topic:
+            # The correlation is right but the device is not: only the asked device can publish
+            # on its reply topic (ACL), so this one answers for another. Never accept it.
+            self.misrouted += 1
+            log.warning("dropped a reply for %s that arrived on %s", p.device, msg.topic)
             return
         try:
             p._queue.put_nowait(msg)

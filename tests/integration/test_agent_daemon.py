@@ -285,7 +285,7 @@ malformed = st.one_of(
 def test_fuzz_10000_malformed_commands_all_answered_no_crash(agent, host):
     # Published by hand (not through RequestClient) so unknown command names reach the agent too.
     replies: queue.Queue = queue.Queue()
-    reply_to = "edgepack/v1/test/_clients/fuzzer/reply"
+    reply_to = topics(DEV).reply("fuzzer")
     host.transport.subscribe(reply_to, handler=replies.put)
     answered = {"n": 0}
     base = topics(DEV).base

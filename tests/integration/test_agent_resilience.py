@@ -16,7 +16,7 @@ from agentkit import Host
 
 from agent.daemon import Agent, AgentConfig
 from agent.errors import TransportError
-from agent.protocol import InferRequest, StatusRequest
+from agent.protocol import InferRequest, StatusRequest, Topics
 from agent.store import Store
 from agent.transport.mqtt import MqttTransport
 
@@ -83,7 +83,7 @@ def test_a_reply_that_cannot_be_sent_mid_generation_leaves_the_next_request_serv
     Store(state, _keyring(agent_bundles["keyring"])).install(agent_bundles["v1"])
     agent = _agent(state, agent_bundles["keyring"], broker.url, chunk_interval=0.0)
     main = _run(agent)
-    poisoned = "edgepack/v1/test/_clients/poisoned/reply"
+    poisoned = Topics("test", DEV).reply("poisoned")
     RefusingTransport.refused = {poisoned}
     try:
         # A request whose every chunk (the failure chunk too) fails to send: the worker must

@@ -215,6 +215,29 @@ def test_qos1_sent_while_offline_arrives_after_reconnect(broker: Broker,
     assert sessions == [True]
 
 
+def test_message_expiry_drops_what_waited_too_long_and_reports_what_is_left(
+        broker: Broker, clients: Callable[..., MqttTransport]) -> None:
+    topics = Topics("lab", "pi-expiry")
+    dev = clients(broker.url, "pi-expiry", session_expiry=3600)
+    dev.subscribe(topics.cmd_filter)
+    dev.stop()
+    ctl = clients(broker.url, "ctl-expiry")
+    ctl.publish(topics.cmd("infer"), b"short", qos=1, timeout=WAIT, expiry=1)
+    ctl.publish(topics.cmd("status"), b"long", qos=1, timeout=WAIT, expiry=600)
+    ctl.publish(topics.cmd("probe"), b"none", qos=1, timeout=WAIT)
+    time.sleep(2.5)  # past the short expiry, while the device is away
+    inbox = Inbox()
+    clients(broker.url, "pi-expiry", session_expiry=3600, on_message=inbox)
+    first, second = inbox.expect(), inbox.expect()
+    # The broker discarded the expired command and says how long the other one has left.
+    assert (first.payload, second.payload) == (b"long", b"none")
+    assert first.expiry is not None and 590 <= first.expiry < 600
+    assert second.expiry is None
+    inbox.none(lambda m: True, 0.5)
+    with pytest.raises(TransportError, match="expiry"):
+        ctl.publish(topics.cmd("status"), b"{}", expiry=0)
+
+
 def test_reconnects_by_itself_after_broker_crash(broker: Broker,
                                                  clients: Callable[..., MqttTransport]) -> None:
     inbox = Inbox()
@@ -374,14 +397,16 @@ def test_device_cannot_publish_outside_its_subtree_or_to_its_commands(
     dev = clients(b.url, "dev-a", username="dev-a", password=b.users["dev-a"])
     own, other = Topics("lab", "dev-a"), Topics("lab", "dev-b")
     denied = [other.state, other.cmd("install"), own.cmd("install"), "edgepack/v1/lab/dev-a-x/state",
-              "elsewhere/topic"]
+              "elsewhere/topic", other.reply("host-1"), "edgepack/v1/lab/_clients/host-1/reply"]
     for topic in denied:
         # MQTT 5 mosquitto answers a denied QoS 1 publish with PUBACK "Not authorized".
         with pytest.raises(TransportError, match=r"(?i)not authorized"):
             dev.publish(topic, b"evil", qos=1, timeout=WAIT)
+    dev.publish(own.reply("host-1"), b"reply", qos=1, timeout=WAIT)  # its own reply topic: allowed
     dev.publish(own.health, b"fine", qos=1, timeout=WAIT)  # the positive control, sent last
     seen = watcher.until(lambda m: m.payload == b"fine")
     assert seen[-1].topic == own.health
+    assert [m.topic for m in seen if m.payload == b"reply"] == [own.reply("host-1")]
     assert [m.topic for m in seen if m.payload == b"evil"] == []
     # Commands still flow from the controller to the device.
     got = Inbox()

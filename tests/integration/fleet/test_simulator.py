@@ -31,7 +31,7 @@ from agent.protocol import (
     fleet_filter,
     parse_state,
     parse_status,
-    reply_topic,
+    reply_filter,
 )
 from agent.transport.mqtt import Message, MqttTransport
 from fleet.inventory import Inventory
@@ -61,14 +61,14 @@ class _Host:
     """A host client: records every fleet message and every reply to it."""
 
     def __init__(self, url: str, client_id: str = HOST_ID, *, watch: bool = True) -> None:
-        self.reply_to = reply_topic(FLEET, client_id)
+        self.client_id = client_id
         self.messages: list[Message] = []
         self.replies: dict[bytes, list[bytes]] = collections.defaultdict(list)
         self._cond = threading.Condition()
         self.t = MqttTransport(url, client_id, session_expiry=0)
         for kind in ("state", "birth", "health", "events") if watch else ():  # not "#": our replies
             self.t.subscribe(fleet_filter(FLEET, kind), qos=1, handler=self._got)
-        self.t.subscribe(self.reply_to, qos=1, handler=self._reply)
+        self.t.subscribe(reply_filter(FLEET, client_id), qos=1, handler=self._reply)
         self.t.start()
         self.t.wait_connected(10)
 
@@ -93,7 +93,8 @@ class _Host:
     def send(self, device: str, name: str, payload: bytes, corr: bytes) -> None:
         self.t.publish(Topics(FLEET, device).cmd(name) if name != "reboot" else
                        f"{Topics(FLEET, device).base}/cmd/{name}", payload, qos=1,
-                       response_topic=self.reply_to, correlation_data=corr)
+                       response_topic=Topics(FLEET, device).reply(self.client_id),
+                       correlation_data=corr)
 
     def request(self, device: str, name: str, payload: bytes, corr: bytes) -> Reply:
         n = len(self.replies[corr])

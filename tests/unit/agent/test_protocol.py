@@ -25,6 +25,7 @@ from agent.protocol import (
     StatusRequest,
     Topics,
     birth_payload,
+    check_response_topic,
     event_payload,
     fleet_filter,
     health_payload,
@@ -32,7 +33,7 @@ from agent.protocol import (
     parse_state,
     parse_status,
     parse_topic,
-    reply_topic,
+    reply_filter,
     state_payload,
 )
 from agent.sampling import DEFAULTS
@@ -59,7 +60,8 @@ def test_topics_layout() -> None:
     assert t.birth.endswith("/birth") and t.health.endswith("/health") and t.events.endswith("/events")
     assert t.cmd("infer") == "edgepack/v1/lab/pi-01/cmd/infer"
     assert t.cmd_filter == "edgepack/v1/lab/pi-01/cmd/+"
-    assert reply_topic("lab", "host-1") == "edgepack/v1/lab/_clients/host-1/reply"
+    assert t.reply("host-1") == "edgepack/v1/lab/pi-01/reply/host-1"
+    assert reply_filter("lab", "host-1") == "edgepack/v1/lab/+/reply/host-1"
     assert fleet_filter("lab", "health") == "edgepack/v1/lab/+/health"
     assert fleet_filter("lab") == "edgepack/v1/lab/#"
 
@@ -73,7 +75,7 @@ def test_ids_refuse_wildcards_separators_and_junk(bad: str) -> None:
 
 
 def test_device_ids_starting_with_underscore_are_reserved() -> None:
-    # "_clients" holds the hosts' reply topics; a device named so would own them via the ACL.
+    # "_..." is kept for host-side namespaces; a device named so would own them via the ACL.
     with pytest.raises(ProtocolError):
         DeviceId("lab", "_clients")
 
@@ -93,14 +95,35 @@ def test_parse_topic_round_trip(kind: str) -> None:
 
 def test_parse_topic_cmd_and_reply() -> None:
     assert parse_topic(Topics("f", "d").cmd("cancel")).name == "cancel"
-    info = parse_topic(reply_topic("f", "host"))
-    assert (info.kind, info.device) == ("reply", "host")
+    info = parse_topic(Topics("f", "d").reply("host"))
+    assert (info.fleet, info.device, info.kind, info.name) == ("f", "d", "reply", "host")
+
+
+def test_a_device_answers_only_inside_its_own_reply_subtree() -> None:
+    mine = Topics("lab", "pi-01")
+    assert check_response_topic(mine, mine.reply("host-1")) == mine.reply("host-1")
+
+
+@pytest.mark.parametrize("topic", [
+    "edgepack/v1/lab/pi-02/reply/host-1",  # another device's reply topic
+    "edgepack/v1/lab/_clients/host-1/reply",  # the old shared reply namespace
+    "edgepack/v1/other/pi-01/reply/host-1",  # another fleet
+    "edgepack/v1/lab/pi-01/reply/", "edgepack/v1/lab/pi-01/reply/+", "edgepack/v1/lab/pi-01/reply/#",
+    "edgepack/v1/lab/pi-01/reply/a/b", "edgepack/v1/lab/pi-01/reply/host\n",
+    "edgepack/v1/lab/pi-01/state", "edgepack/v1/lab/pi-01/cmd/install", "anything/else", "",
+])
+def test_a_response_topic_outside_the_devices_reply_subtree_is_refused(topic: str) -> None:
+    with pytest.raises(ProtocolError) as ei:
+        check_response_topic(Topics("lab", "pi-01"), topic)
+    assert ei.value.code == "bad_response_topic" and ei.value.field == "response_topic"
 
 
 @pytest.mark.parametrize("topic", [
     "edgepack/v2/f/d/state", "edgepack/v1/f/d", "edgepack/v1/f/d/state/x", "edgepack/v1/f/d/cmd",
     "edgepack/v1/f/d/cmd/reboot", "edgepack/v1/f/d/other", "edgepack/v1/f/+/state",
     "edgepack/v1/f/_clients/h", "edgepack/v1/#/d/state", "edgepack/v1/f/_x/state",
+    "edgepack/v1/f/_clients/h/reply", "edgepack/v1/f/d/reply", "edgepack/v1/f/d/reply/h/x",
+    "edgepack/v1/f/d/reply/+",
 ])
 def test_parse_topic_refuses(topic: str) -> None:
     with pytest.raises(ProtocolError):

@@ -135,7 +135,7 @@ def test_commands_events_and_replies_are_ignored_not_rejected() -> None:
     t = Topics(FLEET, "pi-01")
     inv.apply(t.events, event_payload("job1", "downloading", ts=NOW), now=NOW)
     inv.apply(t.cmd("status"), b"{}", now=NOW)
-    inv.apply("edgepack/v1/lab/_clients/host-1/reply", b'{"ok":true}', now=NOW)
+    inv.apply(t.reply("host-1"), b'{"ok":true}', now=NOW)
     assert (inv.ignored, inv.rejected, inv.devices()) == (3, 0, [])
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from agent.dispatch import CONTROL_QUEUE
 from agent.profiles import load_profiles, match_profile
-from agent.protocol import InstallRequest, Reply, StatusRequest, Topics, parse_status, reply_topic
+from agent.protocol import InstallRequest, Reply, StatusRequest, Topics, parse_status
 from agent.transport.mqtt import Message
 from fleet._simdata import (
     HARDWARE,
@@ -151,7 +151,7 @@ class _Recorder:
         return 1_700_000_000.0
 
     def replies(self) -> list[Reply]:
-        return [Reply.from_bytes(p) for t, p, _ in self.sent if t.endswith("/reply")]
+        return [Reply.from_bytes(p) for t, p, _ in self.sent if "/reply/" in t]
 
 
 def _device(host: _Recorder, behaviour: str = "ok") -> SimDevice:
@@ -160,7 +160,7 @@ def _device(host: _Recorder, behaviour: str = "ok") -> SimDevice:
 
 
 def _msg(name: str, payload: bytes, corr: bytes) -> Message:
-    return Message(Topics("lab", "pi-1").cmd(name), payload, reply_topic("lab", "host"), corr)
+    return Message(Topics("lab", "pi-1").cmd(name), payload, Topics("lab", "pi-1").reply("host"), corr)
 
 
 def test_commands_behind_a_running_install_wait_then_busy() -> None:

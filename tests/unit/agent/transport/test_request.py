@@ -15,7 +15,15 @@ import pytest
 
 import agent.transport.request as request_mod
 from agent.errors import TransportError
-from agent.protocol import InferChunk, ProtocolError, Reply, StatusRequest, reply_topic
+from agent.protocol import (
+    COMMAND_EXPIRY,
+    InferChunk,
+    ProtocolError,
+    Reply,
+    StatusRequest,
+    Topics,
+    reply_filter,
+)
 from agent.transport import Message, MqttTransport, RequestClient
 
 FLEET = "lab"
@@ -45,22 +53,25 @@ class StandInTransport:
         p = Published(topic, payload, kw)
         self.published.append(p)
         for answer in self.device(p) if self.device else []:
-            self.reply(answer, p.kw["correlation_data"])
+            self.reply(answer, p.kw["correlation_data"], topic=p.kw["response_topic"])
 
-    def reply(self, payload: bytes, correlation: bytes | None) -> None:
-        topic = reply_topic(FLEET, self.client_id)
-        self.subscribed[topic](Message(topic, payload, None, correlation))
+    def reply(self, payload: bytes, correlation: bytes | None, *, device: str = "pi-1",
+              topic: str | None = None) -> None:
+        # What the broker delivers to our reply subscription: a device's reply topic.
+        topic = topic or Topics(FLEET, device).reply(self.client_id)
+        self.subscribed[reply_filter(FLEET, self.client_id)](Message(topic, payload, None, correlation))
 
 
 def client(t: StandInTransport) -> RequestClient:
     return RequestClient(cast(MqttTransport, t), FLEET)
 
 
-def test_the_client_subscribes_to_its_own_reply_topic():
+def test_the_client_subscribes_to_its_replies_from_every_device():
     t = StandInTransport(client_id="host-7")
     c = client(t)
-    assert c.reply_topic == "edgepack/v1/lab/_clients/host-7/reply"
-    assert list(t.subscribed) == [c.reply_topic]
+    assert c.reply_filter == "edgepack/v1/lab/+/reply/host-7"
+    assert list(t.subscribed) == [c.reply_filter]
+    assert c.reply_topic("pi-1") == "edgepack/v1/lab/pi-1/reply/host-7"
 
 
 def test_a_request_carries_the_reply_topic_and_fresh_correlation_data():
@@ -70,7 +81,7 @@ def test_a_request_carries_the_reply_topic_and_fresh_correlation_data():
     p2 = c.request("pi-1", "status", b"{}", ack_timeout=2.0)
     first, second = t.published
     assert first.topic == "edgepack/v1/lab/pi-1/cmd/status" and first.payload == StatusRequest().to_bytes()
-    assert first.kw["response_topic"] == c.reply_topic and first.kw["qos"] == 1
+    assert first.kw["response_topic"] == c.reply_topic("pi-1") and first.kw["qos"] == 1
     assert (first.kw["timeout"], second.kw["timeout"]) == (None, 2.0)
     assert len(p1.correlation) == 16 and p1.correlation != p2.correlation
     assert (first.kw["correlation_data"], second.kw["correlation_data"]) == (p1.correlation, p2.correlation)
@@ -80,7 +91,7 @@ def test_each_reply_goes_to_the_request_with_its_correlation():
     t = StandInTransport()
     c = client(t)
     a, b = c.request("pi-1", "status", b"{}"), c.request("pi-2", "status", b"{}")
-    t.reply(b"for b", b.correlation)
+    t.reply(b"for b", b.correlation, device="pi-2")
     t.reply(b"for a", a.correlation)
     assert a.get(timeout=0).payload == b"for a" and b.get(timeout=0).payload == b"for b"
     with pytest.raises(TransportError, match="no reply"):
@@ -166,3 +177,28 @@ def test_stream_without_its_done_chunk_times_out():
         for c in client(t).stream("pi-1", b'{"prompt": "x"}', timeout=0):
             got.append(c)
     assert [c.text for c in got] == ["a"]
+
+
+def test_every_command_carries_its_message_expiry():
+    t = StandInTransport()
+    c = client(t)
+    c.request("pi-1", "status", b"{}")
+    c.request("pi-1", "install", b"{}")
+    c.request("pi-1", "infer", b"{}", expiry=5)
+    got = [p.kw["expiry"] for p in t.published]
+    assert got == [COMMAND_EXPIRY["status"], COMMAND_EXPIRY["install"], 5]
+    assert COMMAND_EXPIRY["status"] < COMMAND_EXPIRY["install"]  # short for interactive commands
+
+
+def test_a_reply_with_the_right_correlation_from_another_device_is_dropped():
+    t = StandInTransport()
+    c = client(t)
+    p = c.request("pi-2", "status", b"{}")
+    # pi-1 learned the correlation of a request to pi-2 and answers on its own reply topic (the
+    # only one the ACL lets it publish on): not accepted, counted.
+    t.reply(b"forged", p.correlation, device="pi-1")
+    assert c.misrouted == 1
+    with pytest.raises(TransportError, match="no reply"):
+        p.get(timeout=0)
+    t.reply(b"genuine", p.correlation, device="pi-2")
+    assert p.get(timeout=0).payload == b"genuine"
