@@ -279,3 +279,10 @@ def test_tiny_bundles_install_in_order_and_serve(tmp_path, tiny_bundles, capsys)
     assert lines[-1]["usage"]["completion_tokens"] == TOKENS
     m = read_manifest(tiny_bundles["stops_v4"])
     assert (m.model_name, m.version, m.profile) == ("tiny-phi3", 4, TINY_PROFILE["name"])
+    # A model that ends every answer at once: the gate still measures its rate over every token
+    # it asked for (end of sequence ignored), never over one token (the "105485 tok/s" it once said).
+    assert agent(state, ring, "install", str(tiny_bundles["stops_v4"]), "--gate-tokens", "8",
+                 "--slo", "max_rss_mb=0", "--json") == 0
+    check = json.loads(capsys.readouterr().out)["check"]
+    assert (check["tokens"], check["decode_tokens"]) == (8, 7), check
+    assert 0 < check["decode_tok_s"] < 100_000 and check["fidelity"]["ok"] is True, check
