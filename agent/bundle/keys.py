@@ -12,13 +12,15 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import KeyringError
+
+# cryptography is imported where a signature is checked or made, not here: its Rust extension is
+# ~6.6 MiB of the idle agent's RSS (bench/results/footprint.md), and an idle device that has
+# nothing to verify should not carry it. Keys are kept as raw bytes until then.
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 KEYRING_FORMAT = "edgepack-keyring/1"
 MAX_KEYRING_BYTES = 256 << 10
@@ -46,6 +48,9 @@ class PublicKey:
 
     def verify(self, signature: bytes, data: bytes) -> bool:
         """True if ``signature`` is this key's Ed25519 signature over exactly ``data``."""
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
         try:
             Ed25519PublicKey.from_public_bytes(self.raw).verify(signature, data)
         except (InvalidSignature, ValueError):
@@ -84,6 +89,8 @@ class SigningKey:
 
     @classmethod
     def generate(cls, name: str = "") -> SigningKey:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
         return cls(Ed25519PrivateKey.generate(), name)
 
     @classmethod
@@ -93,6 +100,9 @@ class SigningKey:
         Raises:
             KeyringError: not a PEM Ed25519 private key (or encrypted).
         """
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
         try:
             key = serialization.load_pem_private_key(data, password=None)
         except (ValueError, TypeError) as e:
@@ -102,6 +112,8 @@ class SigningKey:
         return cls(key, name)
 
     def to_pem(self) -> bytes:
+        from cryptography.hazmat.primitives import serialization
+
         return self._key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
@@ -110,6 +122,8 @@ class SigningKey:
 
     @property
     def public(self) -> PublicKey:
+        from cryptography.hazmat.primitives import serialization
+
         raw = self._key.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )

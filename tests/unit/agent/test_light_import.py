@@ -57,3 +57,27 @@ def test_agent_cli_probe_imports_neither_paho_nor_the_daemon(tmp_path):
     # Positive control: run does import them.
     r = run("import sys, agent.daemon; print('paho' in sys.modules)")
     assert r.stdout.strip() == "True", r.stderr
+
+
+def test_the_idle_daemon_does_not_load_cryptography_until_it_checks_a_signature(tmp_path):
+    # Its Rust extension is ~6.6 MiB of idle RSS (bench/results/footprint.md); the daemon with an
+    # empty store and a keyring file has nothing to verify yet.
+    from agent.bundle import Keyring, SigningKey
+
+    ring = tmp_path / "ring.json"
+    ring.write_bytes(Keyring([SigningKey.generate("t").public]).to_bytes())
+    r = run("import sys\n"
+            "from pathlib import Path\n"
+            "import agent.daemon, agent.cli\n"
+            "from agent.bundle import load_keyring\n"
+            "from agent.store import Store\n"
+            f"s = Store(Path({str(tmp_path / 'state')!r}), load_keyring([Path({str(ring)!r})]))\n"
+            "print(s.serving(), 'cryptography' in sys.modules)")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("False"), r.stdout
+    # Positive control: checking a signature loads it.
+    r = run("import sys\n"
+            "from agent.bundle.keys import PublicKey\n"
+            "PublicKey(bytes(32)).verify(bytes(64), b'x')\n"
+            "print('cryptography' in sys.modules)")
+    assert r.stdout.strip() == "True", r.stderr
