@@ -20,6 +20,9 @@ Thin I/O around the state machine (:mod:`fleet.rollout`): MQTT in, SQLite, MQTT 
 - A rollout whose stored release no longer verifies against the controller's keyring (tampered
   in the database, or signed by a key it does not trust) is aborted with the reason; nothing of
   it is dispatched.
+- Keyrings: the fleet's desired root-signed keyring (``edgepack fleet keyring push`` records it)
+  is sent as ``cmd/keyring`` to every device that reports an older one; :mod:`fleet.keyring_push`
+  decides who and when, and each outcome is written before the next send, as for rollouts.
 - Bundles: the rollout's ``--base-url``, else the controller's, else the controller serves the
   release's folder itself with :class:`fleet.serve.BundleServer` (Range, so downloads resume) on
   ``--serve-host`` (loopback unless told otherwise).
@@ -45,6 +48,7 @@ from agent.errors import EdgepackError, TransportError
 from agent.protocol import (
     COMMAND_EXPIRY,
     InstallRequest,
+    KeyringRequest,
     ProtocolError,
     Reply,
     RollbackRequest,
@@ -56,6 +60,8 @@ from agent.protocol import (
 )
 from agent.transport.mqtt import Message, MqttTransport
 from fleet.inventory import DeviceRecord, Inventory
+from fleet.keyring_push import KeyringDevice, KeyringPush, KeyringSync
+from fleet.keyring_push import parse_job as parse_keyring_job
 from fleet.rollout import (
     ACTIVE,
     NEW,
@@ -131,7 +137,10 @@ class Controller:
         self._marks: list[tuple[int, str]] = []  # applied commands, written with the next batch
         self._servers: dict[Path, Any] = {}  # release folder -> BundleServer
         self._base_urls: dict[str, str] = {}  # rollout id -> base URL
-        self.counters = {"messages": 0, "dispatched": 0, "rollbacks": 0, "rejected": 0}
+        self.keyrings = KeyringSync()  # the fleet's desired keyring and its pushes
+        self._keyring_pushes: list[KeyringPush] = []  # sent after the next write
+        self.counters = {"messages": 0, "dispatched": 0, "rollbacks": 0, "rejected": 0,
+                         "keyring_pushes": 0}
         self.transport = transport_factory(
             config.broker_url, self.client_id, username=config.username, password=config.password,
             ca_file=config.ca_file, session_expiry=config.session_expiry,
@@ -170,6 +179,9 @@ class Controller:
             r = self.store.load(rid)
             if self._release_ok(r, now):
                 self.rollouts[rid] = r
+        desired = self.store.desired_keyring(self.config.fleet)
+        if desired is not None:
+            self.keyrings = KeyringSync(desired, self.store.keyring_targets(desired.fleet, desired.version))
         self.transport.start()
         self.transport.wait_connected(30)
         # Settling counts from the subscriptions, not from zero: the retained births come only
@@ -243,27 +255,40 @@ class Controller:
                 actions += self._start_rollout(rid, now)
         for r in list(self.rollouts.values()):
             actions += [(r, a) for a in r.tick(now)]
+        desired = self.store.desired_keyring(self.config.fleet)
+        if desired is not None:
+            self._keyring_pushes += self.keyrings.want(desired, now)
+        self._keyring_pushes += self.keyrings.tick(now)
         self._commit_and_act(actions)
 
     def _commit_and_act(self, actions: list[tuple[Rollout, Action]]) -> None:
         # (5) every transition is written before it is acted on ...
         changed = [r for r in self.rollouts.values() if r.changed or r.dirty]
-        if changed or self._marks:
+        keyring_rows = self.keyrings.rows()
+        if changed or self._marks or keyring_rows:
             with self.store.transaction() as db:
                 for r in changed:
                     self.store.save(db, r)
                 for cid, outcome in self._marks:
                     self.store.mark_command(db, cid, outcome)
+                self.store.save_keyring_targets(db, self.config.fleet, keyring_rows)
             for r in changed:
                 r.dirty.clear()
                 r.changed = False
             self._marks = []
+            self.keyrings.dirty.clear()
         # (6) ... and only then acted on.
         for r, a in actions:
             try:
                 self._act(r, a)
             except EdgepackError as e:  # the job times out and is retried by the state machine
                 log.warning("could not send %s to %s: %s", type(a).__name__, a.device, e)
+        pushes, self._keyring_pushes = self._keyring_pushes, []
+        for p in pushes:
+            try:
+                self._push_keyring(p)
+            except EdgepackError as e:  # sent again on a reply timeout or the device's next birth
+                log.warning("could not send keyring v%d to %s: %s", p.version, p.device, e)
         for rid in [rid for rid, r in self.rollouts.items() if r.status not in ACTIVE]:
             del self.rollouts[rid]  # finished or aborted: nothing more to drive
 
@@ -285,6 +310,7 @@ class Controller:
             rec = self.inventory.record(info.fleet, info.device)
             if rec is None:
                 return []
+            self._keyring_pushes += self.keyrings.device(_keyring_device(rec), now)
             dev = _device_info(rec)
             return [(r, a) for r in self.rollouts.values() for a in r.device(dev, now)]
         if info.kind == "events" and m.payload:
@@ -299,6 +325,13 @@ class Controller:
 
     def _reply(self, m: Message, now: float, sender: str) -> list[tuple[Rollout, Action]]:
         job = (m.correlation_data or b"").decode("ascii", "replace")
+        if (pushed := parse_keyring_job(job)) is not None:
+            if sender != pushed[1]:  # as below: only the device asked may answer
+                raise ProtocolError(f"reply to {pushed[1]}'s keyring push came from {sender}",
+                                    code="bad_field", field="topic")
+            reply = Reply.from_bytes(m.payload)
+            self.keyrings.reply(sender, job, reply.ok, reply.result, reply.error, now)
+            return []
         owner = parse_job(job)
         if owner is None or owner[0] not in self.rollouts:
             return []
@@ -379,6 +412,17 @@ class Controller:
                                    correlation_data=a.job.encode(), expiry=COMMAND_EXPIRY["rollback"])
             self.counters["rollbacks"] += 1
 
+    def _push_keyring(self, p: KeyringPush) -> None:
+        desired = self.keyrings.desired
+        if desired is None or desired.version != p.version:
+            return
+        topics = Topics(self.config.fleet, p.device)
+        req = KeyringRequest(desired.document.decode("utf-8"))
+        self.transport.publish(topics.cmd("keyring"), req.to_bytes(), qos=1,
+                               response_topic=topics.reply(self.client_id),
+                               correlation_data=p.job.encode(), expiry=COMMAND_EXPIRY["keyring"])
+        self.counters["keyring_pushes"] += 1
+
     def _bundle_url(self, r: Rollout, b: BundleRef) -> str:
         rid = r.spec.rollout_id
         base = self._base_urls.get(rid)
@@ -411,6 +455,10 @@ def _device_info(rec: DeviceRecord) -> DeviceInfo:
     return DeviceInfo(rec.device, rec.profile, rec.state == "online",
                       cur.get("digest") if isinstance(cur.get("digest"), str) else None,
                       gate if isinstance(gate, dict) else None)
+
+
+def _keyring_device(rec: DeviceRecord) -> KeyringDevice:
+    return KeyringDevice(rec.device, rec.state == "online", rec.keyring_version)
 
 
 __all__ = ["Controller", "ControllerConfig"]

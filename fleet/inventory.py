@@ -47,6 +47,8 @@ class DeviceRecord:
             ahead of ours reads as 0).
         cpu_percent, rss_bytes, temperature_c, disk_free_bytes, last_decode_tok_s, last_ttft_ms,
         busy, queue, errors: the health fields of the same name.
+        keyring_version: the version of its root-signed keyring, from whichever of birth and
+            health arrived last (None: it has none, or does not say).
     """
 
     device: str
@@ -72,6 +74,7 @@ class DeviceRecord:
     busy: bool | None = None
     queue: int | None = None
     errors: dict[str, Any] = field(default_factory=dict)
+    keyring_version: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict of every attribute (``bundles`` as a list)."""
@@ -198,6 +201,10 @@ def _record(fleet: str, device: str, e: _Entry, now: float | None) -> DeviceReco
     current = _dict(birth, "current")
     if e.health is not None and "current" in health and (e.birth is None or e.health_at >= e.birth_at):
         current = _dict(health, "current")
+    keyring_version = _int(_dict(birth, "keyring") or {}, "version")
+    if e.health is not None and "keyring_version" in health and (e.birth is None
+                                                                 or e.health_at >= e.birth_at):
+        keyring_version = _int(health, "keyring_version")
     health_ts = _num(health, "ts")
     age = max(0.0, now - health_ts) if now is not None and health_ts is not None else None
     bundles = birth.get("bundles")
@@ -225,6 +232,7 @@ def _record(fleet: str, device: str, e: _Entry, now: float | None) -> DeviceReco
         busy=v if isinstance(v := health.get("busy"), bool) else None,
         queue=_int(health, "queue"),
         errors=_dict(health, "errors") or {},
+        keyring_version=keyring_version,
     )
 
 

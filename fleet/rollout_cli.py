@@ -1,5 +1,6 @@
-"""``edgepack rollout ...`` and ``edgepack fleet controller``: parse, then call the fleet's domain
-modules (:mod:`fleet.rollout_ops`, :mod:`fleet.controller`).
+"""``edgepack rollout ...``, ``edgepack fleet controller`` and ``edgepack fleet keyring push|status``:
+parse, then call the fleet's domain modules (:mod:`fleet.rollout_ops`, :mod:`fleet.controller`,
+:mod:`fleet.keyring_ops`).
 
 Every option has an environment default, as the agent's do, so a systemd unit can configure the
 controller with an env file: EDGEPACK_FLEET_DB, EDGEPACK_BROKER, EDGEPACK_FLEET, EDGEPACK_KEYRING
@@ -185,6 +186,30 @@ def format_status(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cmd_keyring_push(args: argparse.Namespace) -> int:
+    from fleet.keyring_ops import push_keyring
+
+    k = push_keyring(_db(args), Path(args.file), args.fleet, [Path(p) for p in args.keyring or []])
+    if args.json:
+        dump({"fleet": args.fleet, "version": k.version, "keyring": k.summary(), "recorded": True})
+    else:
+        err(f"recorded keyring v{k.version} as the desired keyring of fleet {args.fleet}; its "
+            f"controller pushes it to every device on an older one. Follow it with: "
+            f"edgepack fleet keyring status --fleet {args.fleet}")
+    return 0
+
+
+def cmd_keyring_status(args: argparse.Namespace) -> int:
+    from fleet.keyring_ops import format_keyring_status, keyring_status
+
+    doc = keyring_status(_db(args), args.fleet_filter)
+    if args.json:
+        dump(doc)
+    else:
+        print(format_keyring_status(doc), flush=True)
+    return 0
+
+
 # --- parser ---------------------------------------------------------------------------------------
 
 
@@ -202,7 +227,7 @@ def _keyring_option(p: argparse.ArgumentParser) -> None:
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                  fleet_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``rollout`` to the host CLI and ``controller`` to its ``fleet`` group."""
+    """Add ``rollout`` to the host CLI and ``controller`` and ``keyring`` to its ``fleet`` group."""
     e = os.environ.get
     s = fleet_sub.add_parser("controller", help="run the rollout controller of a fleet (a service)")
     s.add_argument("--broker", default=e("EDGEPACK_BROKER") or DEFAULT_BROKER,
@@ -229,6 +254,23 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     _db_option(s)
     _keyring_option(s)
     s.set_defaults(func=cmd_controller)
+
+    kr = fleet_sub.add_parser("keyring", help="push a root-signed keyring to the fleet (by its controller)")
+    ksub = kr.add_subparsers(dest="keyring_cmd", required=True)
+    s = ksub.add_parser("push", help="record FILE as the fleet's desired keyring; the controller sends it")
+    s.add_argument("file", help="the signed keyring (edgepack keys generate --root|rotate|revoke)")
+    s.add_argument("--fleet", default=e("EDGEPACK_FLEET") or "default", help="[EDGEPACK_FLEET]")
+    s.add_argument("--keyring", action="append",
+                   help="a signed keyring the devices hold, repeatable: the first push must verify "
+                        "as its update (later ones are checked against the recorded one)")
+    s.add_argument("--json", action="store_true")
+    _db_option(s)
+    s.set_defaults(func=cmd_keyring_push)
+    s = ksub.add_parser("status", help="the desired keyring and, per device, its version and push outcome")
+    s.add_argument("--fleet", dest="fleet_filter", help="only this fleet (default: every fleet)")
+    s.add_argument("--json", action="store_true")
+    _db_option(s)
+    s.set_defaults(func=cmd_keyring_status)
 
     ro = sub.add_parser("rollout", help="roll a signed release out to a fleet in waves")
     rsub = ro.add_subparsers(dest="rollout_cmd", required=True)

@@ -3,7 +3,9 @@
 Tables: ``releases`` (the exact signed bytes of each release used, and the folder its bundles are
 in), ``rollouts`` (the spec and the state machine's own fields as JSON), ``targets`` (one row per
 device per rollout), ``commands`` (pause / resume / abort written by ``edgepack rollout``, applied
-by the controller in order) and ``meta`` (schema version).
+by the controller in order), ``keyrings`` (each fleet's desired root-signed keyrings, the exact
+file bytes, written by ``edgepack fleet keyring push``), ``keyring_targets`` (one row per device
+per keyring version: what it reports and how the push went) and ``meta`` (schema version).
 
 Why SQLite, and how it stays whole: it is the embedded default (nothing to run beside the
 controller); WAL lets ``rollout status`` read while the controller writes; every batch of
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import EdgepackError
+from fleet.keyring_push import DesiredKeyring, KeyringTarget
 from fleet.rollout import ACTIVE, NEW, Rollout, RolloutError
 
 SCHEMA_VERSION = 1
@@ -45,6 +48,12 @@ CREATE TABLE IF NOT EXISTS commands (
     id INTEGER PRIMARY KEY AUTOINCREMENT, rollout_id TEXT NOT NULL, command TEXT NOT NULL,
     reason TEXT NOT NULL DEFAULT '', ts REAL NOT NULL, applied REAL, outcome TEXT);
 CREATE INDEX IF NOT EXISTS commands_pending ON commands (applied);
+CREATE TABLE IF NOT EXISTS keyrings (
+    fleet TEXT NOT NULL, version INTEGER NOT NULL, document BLOB NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (fleet, version));
+CREATE TABLE IF NOT EXISTS keyring_targets (
+    fleet TEXT NOT NULL, version INTEGER NOT NULL, device TEXT NOT NULL, outcome TEXT NOT NULL,
+    data TEXT NOT NULL, PRIMARY KEY (fleet, version, device));
 """
 
 
@@ -240,6 +249,34 @@ class FleetStore:
     def base_url(self, rollout_id: str) -> str | None:
         row = self.db.execute("SELECT base_url FROM rollouts WHERE id=?", (rollout_id,)).fetchone()
         return row[0] if row else None
+
+    # --- the fleet's desired keyring ------------------------------------------------------------------
+
+    def add_keyring(self, db: sqlite3.Connection, desired: DesiredKeyring) -> None:
+        """Record a fleet's new desired keyring (inside a :meth:`transaction`, after checking it
+        against :meth:`desired_keyring` read in the same one)."""
+        db.execute("INSERT INTO keyrings VALUES (?, ?, ?, ?)",
+                   (desired.fleet, desired.version, desired.document, desired.created))
+
+    def desired_keyring(self, fleet: str) -> DesiredKeyring | None:
+        """The fleet's desired keyring (its highest recorded version), or None."""
+        row = self.db.execute("SELECT version, document, created FROM keyrings WHERE fleet=? "
+                              "ORDER BY version DESC LIMIT 1", (fleet,)).fetchone()
+        return DesiredKeyring(fleet, int(row[0]), bytes(row[1]), float(row[2])) if row else None
+
+    def keyring_fleets(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT DISTINCT fleet FROM keyrings ORDER BY fleet")]
+
+    def keyring_targets(self, fleet: str, version: int) -> list[KeyringTarget]:
+        return [KeyringTarget.from_dict(json.loads(r[0])) for r in self.db.execute(
+            "SELECT data FROM keyring_targets WHERE fleet=? AND version=? ORDER BY device",
+            (fleet, version))]
+
+    def save_keyring_targets(self, db: sqlite3.Connection, fleet: str,
+                             targets: Iterable[KeyringTarget]) -> None:
+        """Write pushes (inside a :meth:`transaction`)."""
+        db.executemany("INSERT OR REPLACE INTO keyring_targets VALUES (?, ?, ?, ?, ?)",
+                       [(fleet, t.version, t.device, t.outcome, json.dumps(t.to_dict())) for t in targets])
 
     # --- reading for status ---------------------------------------------------------------------------
 

@@ -160,3 +160,16 @@ def test_a_state_with_a_huge_timestamp_does_not_raise() -> None:
               now=NOW)
     [r] = inv.devices()
     assert (r.state, r.state_ts) == ("online", None)
+
+
+def test_the_keyring_version_comes_from_the_fresher_of_birth_and_health() -> None:
+    inv = Inventory(FLEET)
+    t = Topics(FLEET, "pi-01")
+    inv.apply(t.birth, birth(), now=NOW)
+    assert inv.devices()[0].keyring_version is None  # no root-signed keyring (or an older agent)
+    inv.apply(t.birth, birth(keyring={"version": 1, "threshold": 1}), now=NOW + 1)
+    assert inv.devices()[0].keyring_version == 1
+    inv.apply(t.health, health(keyring_version=2), now=NOW + 2)
+    assert inv.devices()[0].keyring_version == 2
+    inv.apply(t.birth, birth(keyring={"error": "damaged"}), now=NOW + 3)
+    assert inv.devices()[0].keyring_version is None
