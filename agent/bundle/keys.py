@@ -184,7 +184,7 @@ class Keyring:
             raise KeyringError(f"keyring is {len(data)} bytes (limit {MAX_KEYRING_BYTES})")
         try:
             doc: Any = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # nesting too deep
             raise KeyringError(f"keyring is not valid JSON: {e}") from e
         if not isinstance(doc, dict) or doc.get("format") != KEYRING_FORMAT:
             raise KeyringError(f"not a keyring (expected format {KEYRING_FORMAT!r})")

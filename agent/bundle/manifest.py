@@ -381,7 +381,7 @@ class Manifest:
             raise ManifestError(f"manifest is {len(data)} bytes (limit {MAX_MANIFEST_BYTES})")
         try:
             obj = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # nesting too deep
             raise ManifestError(f"manifest is not valid UTF-8 JSON: {e}") from e
         return cls.from_dict(obj)
 

@@ -266,7 +266,7 @@ class Release:
             raise ReleaseError(f"release is {len(data)} bytes (limit {MAX_RELEASE_BYTES})")
         try:
             obj = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # nesting too deep
             raise ReleaseError(f"release is not valid UTF-8 JSON: {e}") from e
         return cls.from_dict(obj)
 

@@ -46,7 +46,8 @@ def parse_signatures(data: bytes) -> list[Signature]:
         raise SignatureError(f"signature file is {len(data)} bytes (limit {MAX_SIGNATURE_BYTES})")
     try:
         doc: Any = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    # RecursionError: nesting deeper than the parser's stack (64 KiB of "[" is enough).
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise SignatureError(f"signature file is not valid JSON: {e}") from e
     if not isinstance(doc, dict) or doc.get("format") != SIGNATURE_FORMAT:
         raise SignatureError(f"signature file is not {SIGNATURE_FORMAT!r}")
@@ -138,7 +139,10 @@ def verify_manifest(
     if len(manifest_bytes) > MAX_MANIFEST_BYTES:
         raise ManifestError(f"manifest is {len(manifest_bytes)} bytes (limit {MAX_MANIFEST_BYTES})")
     signer = trusted_signer(manifest_bytes, signature_bytes, keyring)
-    manifest = Manifest.from_bytes(manifest_bytes)
+    try:
+        manifest = Manifest.from_bytes(manifest_bytes)
+    except RecursionError as e:  # nested deeper than the parser's stack, within the size cap
+        raise ManifestError(f"manifest is not valid JSON: {e}") from e
     if manifest.signer_key_id and manifest.signer_key_id != signer.key_id:
         raise ManifestError(
             f"manifest names signer {manifest.signer_key_id[:16]} but was signed by "

@@ -127,3 +127,15 @@ def test_a_bundle_file_is_checked_against_its_entry() -> None:
         check_release_file(e, 1233, HEX)
     with pytest.raises(DigestMismatchError, match="does not match"):
         check_release_file(e, 1234, "00" * 32)
+
+
+@pytest.mark.parametrize("parse", ["release", "manifest", "keyring"])
+def test_json_nested_deeper_than_the_parser_is_our_error_not_a_crash(parse) -> None:
+    from agent.bundle import Keyring, Manifest
+    from agent.errors import EdgepackError
+
+    deep = b"[" * 100_000 + b"]" * 100_000  # under every cap (256 KiB+), over the parser's stack
+    fn = {"release": Release.from_bytes, "manifest": Manifest.from_bytes,
+          "keyring": Keyring.from_bytes}[parse]
+    with pytest.raises(EdgepackError):
+        fn(deep)
