@@ -431,7 +431,10 @@ class Rollout:
     # --- transitions -----------------------------------------------------------------------------
 
     def _new_target(self, info: DeviceInfo, now: float) -> Target | None:
-        if not self.spec.selection.matches(info.device, info.profile):
+        # No profile yet: its retained state arrived before its birth. Not a target until the
+        # birth says what it is (else it would be "incompatible" for good, and never get its
+        # bundle once the birth came).
+        if info.profile is None or not self.spec.selection.matches(info.device, info.profile):
             return None
         t = Target(info.device, info.profile, since=now)
         bundle = self.bundles.get(info.profile or "")
@@ -663,9 +666,9 @@ class Rollout:
         room = max(0, self.spec.max_parallel - self._in_flight) if self.spec.max_parallel else len(pending)
         if not room:
             return []
-        ready = [d for d in pending if self.online.get(d, False)]
-        if room < len(ready):
-            ready.sort(key=self._order_of)
+        # Always in the rollout's order (not the set's, which changes with PYTHONHASHSEED): the
+        # same events give the same dispatches, so a run can be replayed.
+        ready = sorted((d for d in pending if self.online.get(d, False)), key=self._order_of)
         return [self._dispatch(self.targets[d], now) for d in ready[:room]]
 
     def _order_of(self, device: str) -> str:
