@@ -194,7 +194,7 @@ def parse_job(job: str) -> tuple[str, str] | None:
     return parts[0], parts[1]
 
 
-def _order_key(rollout_id: str, device: str) -> str:
+def order_key(rollout_id: str, device: str) -> str:
     return hashlib.sha256(f"{rollout_id}/{device}".encode()).hexdigest()
 
 
@@ -277,7 +277,7 @@ class Rollout:
             t = self._new_target(info, now)
             if t is not None and t.state == PENDING:
                 eligible.append(t)
-        eligible.sort(key=lambda t: _order_key(self.spec.rollout_id, t.device))
+        eligible.sort(key=lambda t: order_key(self.spec.rollout_id, t.device))
         self.plan = self.spec.waves.sizes(len(eligible)) if eligible else []
         start = 0
         for i, end in enumerate(self.plan):
@@ -674,7 +674,7 @@ class Rollout:
     def _order_of(self, device: str) -> str:
         key = self._order.get(device)
         if key is None:
-            key = self._order[device] = _order_key(self.spec.rollout_id, device)
+            key = self._order[device] = order_key(self.spec.rollout_id, device)
         return key
 
     # --- reporting ---------------------------------------------------------------------------------
@@ -779,5 +779,5 @@ __all__ = [
     "ABORTED", "ACTIVE", "FINISHED", "NEW", "OPEN", "PAUSED", "RUNNING", "TARGET_STATES", "Action",
     "BundleRef", "DeviceInfo", "Dispatch", "FailureThreshold", "RegressionLimits", "Rollback",
     "Rollout", "RolloutError", "RolloutSpec", "Selection", "Target", "Waves", "bundle_refs", "job_name",
-    "parse_job", "regression_of",
+    "order_key", "parse_job", "regression_of",
 ]

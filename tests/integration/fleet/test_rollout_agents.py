@@ -16,7 +16,8 @@ from fleetkit import ControllerProcess, ControllerThread, wait_status
 
 from agent.bundle import Keyring, SigningKey
 from agent.protocol import StatusRequest
-from fleet.rollout_ops import start_rollout
+from fleet.rollout import order_key
+from fleet.rollout_ops import request, start_rollout
 from fleet.rollout_spec import Waves
 from fleet.serve import BundleServer
 
@@ -190,10 +191,21 @@ def test_an_offline_device_waits_and_a_device_that_joins_gets_its_bundle(
     joiner: AgentProcess | None = None
     try:
         with ControllerThread(db, broker.url, FLEET, releases["keyring"]):
-            rid = _start(db, releases, "v1", waves=Waves.parse("1,100%"), device_timeout=45.0)
+            # The canary is the first device in the order hashed from the rollout id: take an id
+            # whose canary is online, so wave 2 (which waits 45 s for dev-gone) is where it joins.
+            rid = next(f"ro-join-{i}" for i in range(100)
+                       if min(("dev-o1", "dev-o2", "dev-gone"),
+                              key=lambda d, i=i: order_key(f"ro-join-{i}", d)) != "dev-gone")
+            _start(db, releases, "v1", waves=Waves.parse("1,100%"), device_timeout=45.0, rollout_id=rid)
             wait_status(db, rid, ("running",), 300, pred=lambda d: d["totals"]["committed"] >= 1)
-            # A new machine is provisioned mid-rollout: nobody names it, it gets its bundle.
+            # A new machine is provisioned mid-rollout: nobody names it, it gets its bundle. The
+            # rollout is paused meanwhile so that it cannot end before the new agent is up (a
+            # slow start on a loaded machine would otherwise outlast dev-gone's 45 s).
+            request(db, rid, "pause")
+            wait_status(db, rid, ("paused",), 60)
             joiner = _agents(tmp_path, broker, releases, host, ["dev-new"])[0]
+            wait_status(db, rid, ("paused",), 60, pred=lambda d: "dev-new" in d["devices"])
+            request(db, rid, "resume")
             doc = wait_status(db, rid, ("finished", "aborted"), 600)
         assert doc["status"] == "finished", doc
         assert doc["devices"]["dev-gone"]["state"] == "offline"
