@@ -46,7 +46,7 @@ VARIANTS = ("gguf-q4_k_m", "gguf-q8_0", "onnx-int4", "openvino-int8")
 RUNTIME = {"gguf-q4_k_m": "llamacpp", "gguf-q8_0": "llamacpp", "onnx-int4": "ortgenai",
            "openvino-int8": "openvino"}
 THREADS = 2  # the packager's and the gate's on this 2-core host
-GATE_CONTEXT = 1024  # the suite's device profile (tests/conftest.py AGENT_PROFILE)
+GATE_CONTEXT = 1024  # the suite's device profile (tests/agentkit.py AGENT_PROFILE)
 DEVICE_CONTEXT = 4096  # the largest profile context (x86-64-cpu)
 
 

@@ -19,6 +19,17 @@ from agent.protocol import Topics, fleet_filter, parse_state, parse_status
 from agent.transport.mqtt import Message, MqttTransport
 from agent.transport.request import RequestClient
 
+# The device profile of the daemon tests' bundles (tests/conftest.py agent_bundles) and of the
+# agents the rollout tests start: this host, GGUF Q4_K_M. A module, not the conftest, so tests in
+# any folder import the same object (pytest may have loaded another folder's conftest by then).
+AGENT_PROFILE: dict = {
+    "name": "x86-64-int4-test", "description": "test: this host, IoT precision", "class": "iot",
+    "match": {"arch": ["x86_64", "aarch64"]},
+    "target": {"runtime": "llamacpp", "format": "gguf", "precision": "int4", "quant": "Q4_K_M",
+               "context": 1024, "threads": 2, "ram_budget_gb": 4.0},
+    "budget": {"max_ppl_increase_pct": 25.0},
+}
+
 AGENT = str(Path(sys.executable).parent / "edgepack-agent")
 
 

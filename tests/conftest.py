@@ -65,19 +65,13 @@ def sample_model():
     return ensure_sample(default_cache_dir())
 
 
-# Real mosquitto brokers on loopback (tests/brokerkit.py), started and stopped per test.
+# The daemon tests' device profile; real mosquitto brokers on loopback (tests/brokerkit.py),
+# started and stopped per test.
+from agentkit import AGENT_PROFILE  # noqa: E402
 from brokerfixtures import broker, secure_broker, subscribe_acl_broker  # noqa: E402, F401
 
 # The tiny random-weight Phi-3 (packager/tiny.py) and its signed bundles: fast real paths.
 from tinymodel import tiny_bundles, tiny_phi3, tiny_phi3_eos_first  # noqa: E402, F401
-
-AGENT_PROFILE = {
-    "name": "x86-64-int4-test", "description": "test: this host, IoT precision", "class": "iot",
-    "match": {"arch": ["x86_64", "aarch64"]},
-    "target": {"runtime": "llamacpp", "format": "gguf", "precision": "int4", "quant": "Q4_K_M",
-               "context": 1024, "threads": 2, "ram_budget_gb": 4.0},
-    "budget": {"max_ppl_increase_pct": 25.0},
-}
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from agentkit import AgentProcess, Host
+from agentkit import AGENT_PROFILE, AgentProcess, Host
 from fleetkit import ControllerProcess, ControllerThread, wait_status
 
 from agent.bundle import Keyring, SigningKey
@@ -28,8 +28,6 @@ PROFILE = "x86-64-int4-test"  # the agents match it: their profiles folder holds
 
 
 def _profile(slo: dict[str, float] | None = None) -> dict:
-    from conftest import AGENT_PROFILE
-
     p = copy.deepcopy(AGENT_PROFILE)
     if slo:
         p["slo"] = slo
