@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, NamedTuple
 
 from agent._crashpoint import crash_point
+from agent.errors import EdgepackError
 
 
 class FileDigest(NamedTuple):
@@ -84,3 +85,21 @@ def fsync_tree(root: Path) -> None:
     for dirpath, _dirs, _files in os.walk(root):
         fsync_dir(Path(dirpath))
         crash_point(f"fsync folder {os.path.relpath(dirpath, root)}")
+
+
+def read_capped(path: Path, limit: int, error: type[EdgepackError], what: str) -> bytes:
+    """The whole of a small file, refused unread beyond ``limit`` bytes (a document is capped
+    before it is parsed).
+
+    Raises:
+        ``error``: the file cannot be read, or is over ``limit`` bytes ("not ``what``").
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise error(f"cannot read {path}: {e}") from e
+    if len(data) > limit:
+        raise error(f"{path} is over {limit} bytes: not {what}")
+    return data
+

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent._fs import read_capped
 from agent.bundle.trust import MAX_TRUST_BYTES, TrustedKeyring, verify_keyring_update
 from agent.errors import KeyringError
 from fleet.keyring_push import DesiredKeyring, check_push
@@ -20,14 +21,7 @@ from fleet.store import FleetStore
 
 
 def _read(path: Path) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_TRUST_BYTES + 1)
-    except OSError as e:
-        raise KeyringError(f"cannot read {path}: {e}") from e
-    if len(data) > MAX_TRUST_BYTES:
-        raise KeyringError(f"{path} is larger than {MAX_TRUST_BYTES} bytes: not a signed keyring")
-    return data
+    return read_capped(path, MAX_TRUST_BYTES, KeyringError, "a signed keyring")
 
 
 def push_keyring(db: Path, path: Path, fleet: str, trusted: list[Path] | None = None, *,

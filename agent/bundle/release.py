@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from agent._fs import read_capped
 from agent.bundle.keys import Keyring, SigningKey
 from agent.bundle.verify import sign_manifest, trusted_signer
 from agent.errors import DigestMismatchError, ReleaseError, SignatureError
@@ -330,12 +331,12 @@ def read_release(path: Path, keyring: Keyring) -> tuple[Release, bytes, bytes]:
     if path.is_dir():
         path = path / RELEASE_NAME
     sig_path = path.with_name(path.name + ".sig")
-    data = _read_capped(path, MAX_RELEASE_BYTES, ReleaseError)
+    data = read_capped(path, MAX_RELEASE_BYTES, ReleaseError, "a release")
     if not sig_path.exists():
         raise SignatureError(
             f"{sig_path} is missing: the release is unsigned and is refused",
             hint="'edgepack build' writes release.json.sig beside release.json; copy both.")
-    signature = _read_capped(sig_path, MAX_RELEASE_SIG_BYTES, SignatureError)
+    signature = read_capped(sig_path, MAX_RELEASE_SIG_BYTES, SignatureError, "a release signature")
     return verify_release(data, signature, keyring), data, signature
 
 
@@ -348,7 +349,7 @@ def read_release_unverified(path: Path) -> Release:
     path = Path(path)
     if path.is_dir():
         path = path / RELEASE_NAME
-    return Release.from_bytes(_read_capped(path, MAX_RELEASE_BYTES, ReleaseError))
+    return Release.from_bytes(read_capped(path, MAX_RELEASE_BYTES, ReleaseError, "a release"))
 
 
 def check_release_file(entry: ReleaseBundle, size: int, sha256_hex: str) -> None:
@@ -365,17 +366,6 @@ def check_release_file(entry: ReleaseBundle, size: int, sha256_hex: str) -> None
             f"{entry.file}: sha256 {sha256_hex[:16]}… does not match the release's "
             f"{entry.sha256[:16]}… (another build, corrupted or tampered)",
             path=entry.file, expected=entry.sha256, actual=sha256_hex)
-
-
-def _read_capped(path: Path, limit: int, error: type[ReleaseError] | type[SignatureError]) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-    except OSError as e:
-        raise error(f"cannot read {path}: {e}") from e
-    if len(data) > limit:
-        raise error(f"{path} is over {limit} bytes: not a release")
-    return data
 
 
 __all__ = ["MAX_RELEASE_BYTES", "RELEASE_FORMAT", "RELEASE_NAME", "RELEASE_SIG_NAME", "Release",
