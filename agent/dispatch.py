@@ -38,7 +38,6 @@ from agent._counters import Counters
 from agent.errors import EdgepackError
 from agent.jobs import JobJournal
 from agent.protocol import (
-    COMMANDS,
     CancelRequest,
     Command,
     InferChunk,
@@ -160,9 +159,6 @@ class CommandDispatcher:
                     log.warning("refused a %s command: %s (code %s)", name, e, e.code)
                     return
             try:
-                if name not in COMMANDS:
-                    raise ProtocolError(f"unknown command {name!r} (known: {', '.join(COMMANDS)})",
-                                        code="unknown_command")
                 req = parse_command(name, msg.payload)
             except ProtocolError as e:
                 if not self._first_delivery(msg, None):

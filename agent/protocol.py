@@ -213,7 +213,8 @@ class Topics:
             ProtocolError: ``unknown_command`` if ``name`` is not in :data:`COMMANDS`.
         """
         if name not in COMMANDS:
-            raise ProtocolError(f"unknown command {name!r}", code="unknown_command", field="name")
+            raise ProtocolError(f"unknown command {name!r} (known: {', '.join(COMMANDS)})",
+                            code="unknown_command", field="name")
         return f"{self.base}/cmd/{name}"
 
     @property
@@ -600,7 +601,8 @@ def parse_command(name: str, payload: bytes) -> Command:
     """
     cls = REQUEST_TYPES.get(name) if isinstance(name, str) else None
     if cls is None:
-        raise ProtocolError(f"unknown command {name!r}", code="unknown_command", field="name")
+        raise ProtocolError(f"unknown command {name!r} (known: {', '.join(COMMANDS)})",
+                            code="unknown_command", field="name")
     d = decode_object(payload)
     return cls.from_dict(d)
 
