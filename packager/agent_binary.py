@@ -52,7 +52,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -63,7 +63,7 @@ from agent.errors import ConvertError, DigestMismatchError, ManifestError, Packa
 from agent.runtimes.registry import RUNTIMES
 from packager import _pyinstaller as pyi
 from packager._tools import run_streaming
-from packager.cache import atomic_dir, atomic_file, copy_atomic, sha256_files
+from packager.cache import atomic_dir, atomic_file, copy_atomic, file_lock, sha256_files
 
 __all__ = [
     "BINARY_FORMAT_VERSION", "FLAVOURS", "LLAMA_CPU_MODES", "BinaryFile", "BinaryManifest",
@@ -220,14 +220,6 @@ def _run(cmd: list[str], *, what: str, prefix: str, env: dict[str, str] | None =
     return "\n".join(out)
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file is closed
-        yield
-
-
 def _venv(env: Path) -> Path:
     _run([sys.executable, "-m", "venv", str(env)], what="python -m venv", prefix="venv: ",
          hint="install Python's venv module (Debian: apt-get install python3-venv)")
@@ -269,7 +261,7 @@ def ensure_llama_wheel(python: Path, cache_dir: Path, version: str, cmake_args: 
     if found:
         return found
     dst = llama_wheel_dir(cache_dir, version, cmake_args)
-    with _locked(dst.with_name(dst.name + ".lock")):
+    with file_lock(dst.with_name(dst.name + ".lock")):
         found = cached_llama_wheel(cache_dir, version, cmake_args)
         if found:
             return found
@@ -361,7 +353,7 @@ def ensure_agent_env(runtime: str, cache_dir: Path, *, llama_cpu: str = "all-var
             "cmake_args": ALL_VARIANTS_CMAKE_ARGS if llama_cpu_mode == "all-variants" else None}
     env = agent_env_dir(cache_dir, runtime, pins)
     stamp = env / ENV_STAMP
-    with _locked(env.with_name(env.name + ".lock")):
+    with file_lock(env.with_name(env.name + ".lock")):
         if not stamp.is_file():
             _make_env(env, runtime, deps, runtime_reqs, binary_reqs, llama_cpu_mode, cache_dir)
     data = json.loads(stamp.read_text())
@@ -604,7 +596,7 @@ def build_agent_binary(runtime: str, out_dir: Path, *, onefile: bool = False,
                 "options": options})
     built = cache_dir / "agent-binary" / f"{name}-{key}"
     manifest_file = built / f"{name}.manifest.json"
-    with _locked(built.with_name(built.name + ".lock")):
+    with file_lock(built.with_name(built.name + ".lock")):
         if manifest_file.is_file():
             try:  # the output is hard-linked to the cache: an edited copy must not be reused
                 verify_binary(manifest_file)

@@ -8,6 +8,7 @@ interrupted build (error, Ctrl-C, kill) never leaves a file that a later run wou
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
@@ -86,3 +87,14 @@ def copy_atomic(src: Path, dst: Path) -> Path:
     with atomic_file(dst) as tmp:
         shutil.copyfile(src, tmp)
     return dst
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (made if missing): one builder of a cached artifact at
+    a time across processes; the others wait, then find it built."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file is closed
+        yield
+

@@ -27,8 +27,6 @@ Workflow and cache:
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -38,14 +36,14 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import ConvertError, PackagingError
 from packager._tools import run_streaming
-from packager.cache import atomic_dir, atomic_file, copy_atomic
+from packager.cache import atomic_dir, atomic_file, copy_atomic, file_lock
 from packager.model import ModelInfo
 
 if TYPE_CHECKING:
@@ -300,14 +298,6 @@ def _env_python(env: Path) -> Path:
     return env / "bin" / "python"
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file is closed
-        yield
-
-
 def ensure_converter_env(cache_dir: Path) -> Path:
     """Find or make the converter virtualenv; return its Python.
 
@@ -329,7 +319,7 @@ def ensure_converter_env(cache_dir: Path) -> Path:
     stamp = env / ENV_STAMP
     if stamp.is_file():
         return _env_python(env)
-    with _file_lock(env.with_name(env.name + ".lock")):
+    with file_lock(env.with_name(env.name + ".lock")):
         if stamp.is_file():  # another packager finished it while we waited
             return _env_python(env)
         if env.exists():
