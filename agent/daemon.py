@@ -361,8 +361,20 @@ class Agent:
             return
         log.info("online as %s (session present: %s)", self.topics.base, session_present)
         if not self._ready.is_set():
+            self._tell_interrupted()
             _trim_heap()
         self._ready.set()
+
+    def _tell_interrupted(self) -> None:
+        # An install the previous process died in never replies: say so once, so a rollout sends
+        # it again now (and it resumes what was staged) instead of waiting for its timeout.
+        for job, command in self.journal.interrupted:
+            if command == "install":
+                self._event(job, "failed", code="interrupted", rolled_back=False,
+                            serving=self.store.serving(),
+                            reason="the agent stopped during this install (a crash, a power cut "
+                                   "or a kill); sent again, it continues from what it staged")
+        self.journal.interrupted = []
 
     def _event(self, job: str, stage: str, **detail: Any) -> None:
         try:

@@ -108,6 +108,11 @@ class TransportError(EdgepackError):
     """A network or broker operation failed; usually worth retrying."""
 
 
+class DownloadRestartError(TransportError):
+    """The server cannot continue a download where it stopped (a 416, a malformed 206): what was
+    staged from it is dropped, and the install sent again starts from byte 0."""
+
+
 # --- runtimes --------------------------------------------------------------------------------
 
 

@@ -18,7 +18,8 @@ the disk, it is not the trust decision.
 on disk: the store's verifying stager reads it (manifest first, then each payload file straight into
 its slot). Nothing is written here; a dropped connection resumes with ``Range`` from the bytes
 already read, and reading the end checks the whole file's length and sha256 (the store reads a
-stream to its end before it switches).
+stream to its end before it switches). It can also start at byte N with the sha256 of the bytes
+before it (``start``, ``prefix``): the store's resumed staging (agent/store.py) already holds them.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from typing import Any, BinaryIO
 from agent._fs import fsync_dir
 from agent.errors import (
     DigestMismatchError,
+    DownloadRestartError,
     InstallError,
     InsufficientResourcesError,
     TransportError,
@@ -445,11 +447,16 @@ def open_download(
     cancel: threading.Event | None = None,
     ca_file: Path | None = None,
     backoff_base: float = 0.5,
+    start: int = 0,
+    prefix: Any = None,
 ) -> io.BufferedReader:
     """Open ``url`` as a readable stream of exactly ``size`` bytes with the given sha256.
 
     Same arguments and checks as :func:`fetch`, but nothing is written to disk: the caller reads
     the bytes (the store stages them straight into a slot). Use it as a context manager.
+
+    ``start`` > 0 reads from that byte on (``Range``); ``prefix`` is then the hashlib sha256 of
+    the bytes before it, which the caller holds, so the end still checks the whole file's sha256.
 
     Raises:
         UntrustedDataError: unsupported URL scheme, file:// on another host, or malformed sha256.
@@ -461,7 +468,11 @@ def open_download(
     sha256, scheme = _check_request(url, sha256, size)
     if scheme == "file" and urllib.parse.urlsplit(url).netloc not in ("", "localhost"):
         raise UntrustedDataError(f"refusing {url!r}: file:// URLs must name this host")
+    if not 0 <= start <= size or (start and prefix is None):
+        raise UntrustedDataError(f"cannot start a download of {size} bytes at byte {start}")
     job = _StreamJob(url, sha256, size, progress, cancel or threading.Event())
+    if start:
+        job.done, job.hasher = start, prefix
     raw = DownloadStream(job, timeout=timeout, max_retries=max_retries, ca_file=ca_file,
                          backoff_base=backoff_base)
     return io.BufferedReader(raw, buffer_size=CHUNK_BYTES)
@@ -523,11 +534,14 @@ class DownloadStream(io.RawIOBase):
             return len(chunk)
 
     def close(self) -> None:
+        self._release()
+        super().close()
+
+    def _release(self) -> None:
         self._disconnect()
         if self._file is not None:
             self._file.close()
             self._file = None
-        super().close()
 
     # --- one source at a time -------------------------------------------------------------------
 
@@ -551,6 +565,7 @@ class DownloadStream(io.RawIOBase):
             if self._file is None:
                 path = urllib.request.url2pathname(urllib.parse.urlsplit(job.url).path)
                 self._file = open(path, "rb")  # closed in close()
+                self._file.seek(job.done)  # a resumed stream starts where its caller's bytes end
             chunk = self._file.read(n)
         except FileNotFoundError as e:
             raise TransportError(f"cannot read {job.url}: no such file") from e
@@ -571,8 +586,9 @@ class DownloadStream(io.RawIOBase):
         except _Restart as e:
             # The bytes read so far are gone into the stager: this stream cannot start again.
             self._disconnect()
-            raise TransportError(f"download of {job.url} cannot resume at byte {job.done}: {e}",
-                                 hint="Nothing was changed; send the install again.") from e
+            raise DownloadRestartError(
+                f"download of {job.url} cannot resume at byte {job.done}: {e}",
+                hint="Nothing was changed; sent again, the install starts from byte 0.") from e
         except BaseException:
             self._disconnect()
             raise
@@ -620,7 +636,9 @@ class DownloadStream(io.RawIOBase):
         except (OSError, http.client.HTTPException):
             extra = b""  # tolerated: all the expected bytes arrived; the digest decides
         self._ended = True
-        self.close()
+        # Release the connection and file, but stay open: reading on returns b"" (the end), as
+        # any file does, whichever reader (tarfile's read-ahead, the store's drain) gets there.
+        self._release()
         if extra:
             raise job.too_long(job.size + 1)
         actual = job.hasher.hexdigest()

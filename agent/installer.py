@@ -4,8 +4,10 @@ Steps of one install, each reported as an event of the job: (1) the download is 
 (``downloading``, resuming a dropped connection) straight into (2) the store, which verifies the
 signed manifest before any payload, stages each file into its slot while hashing, checks the whole
 download's sha256 at its end and switches (``verified``, ``installed``): the bundle is on disk once,
-so a device needs its payload size plus a small margin, not twice that (a killed agent starts the
-download again: the partial staging is wiped when it restarts); (3) the resident model is
+so a device needs its payload size plus a small margin, not twice that; a download interrupted by
+a dropped connection resumes with ``Range``, and one interrupted by the agent's own death (or by a
+network that gave up) resumes from its last checkpoint when the install is sent again
+(``downloading`` with ``from_byte``; agent/partial.py); (3) the resident model is
 swapped for the new bundle and benchmarked against the manifest's SLO (``benchmarked``, with the
 figures), (4) commit (``committed``) or roll back and drop the failed model so the previous one
 serves again (``rolled_back`` with the gate's figures when it was the SLO, then ``failed``).
@@ -34,8 +36,8 @@ log = logging.getLogger("agent.installer")
 EventSink = Callable[..., None]  # (job, stage, **detail)
 
 # Store event -> the job stage a host sees.
-_STAGES = {"verified": "verified", "switched": "installed", "committed": "committed",
-           "rolled_back": "rolled_back"}
+_STAGES = {"resumed": "downloading", "verified": "verified", "switched": "installed",
+           "committed": "committed", "rolled_back": "rolled_back"}
 
 
 def serving_now(store: Store) -> str:
@@ -116,11 +118,15 @@ class Installer:
         def check(bundle: InstalledBundle) -> dict[str, Any]:
             return self._gate(bundle, on_gate)
 
+        def open_stream(start: int, prefix: Any) -> Any:
+            return open_download(req.url, sha256=req.sha256, size=req.size, progress=progress,
+                                 timeout=self.download_timeout, cancel=self._stop, start=start,
+                                 prefix=prefix)
+
         try:
-            with open_download(req.url, sha256=req.sha256, size=req.size, progress=progress,
-                               timeout=self.download_timeout, cancel=self._stop) as stream:
-                res = self.store.install(stream, load_check=check if self.load_check else None,
-                                         on_event=on_store_event)
+            res = self.store.install_download(req.sha256, req.size, open_stream,
+                                              load_check=check if self.load_check else None,
+                                              on_event=on_store_event)
         except EdgepackError as e:
             self.counters.incr("install_errors")
             rolled_back = isinstance(e, InstallError) and e.rolled_back

@@ -7,7 +7,10 @@ with the recorded outcome instead of executing it twice.
 States: ``running`` (written before the job starts), then ``done`` or ``failed`` with the reply
 that was sent. A journal found with a ``running`` job on start-up belongs to a process that died
 mid-job: the store's recovery has already undone or finished the step, and the job reads
-``interrupted`` — sent again, it runs again, because it never completed.
+``interrupted`` — sent again, it runs again, because it never completed (an install then resumes
+what it had staged: agent/partial.py). The jobs interrupted by this start are listed in
+:attr:`JobJournal.interrupted`, so the daemon can tell the host once instead of leaving it to wait
+for its timeout.
 
 The file is small JSON written atomically (:func:`agent._fs.atomic_write`); the oldest entries are
 dropped beyond :data:`MAX_JOBS`.
@@ -40,6 +43,9 @@ class JobJournal:
         self._lock = threading.Lock()
         self._jobs: dict[str, dict[str, Any]] = self._read()
         interrupted = [j for j, e in self._jobs.items() if e.get("state") == "running"]
+        # (job, command) of the jobs a death of the previous process interrupted.
+        self.interrupted: list[tuple[str, str]] = [
+            (j, str(self._jobs[j].get("command", "?"))) for j in interrupted]
         for j in interrupted:
             self._jobs[j]["state"] = "interrupted"
         if interrupted:

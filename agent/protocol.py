@@ -684,7 +684,8 @@ def error_code(e: BaseException) -> str:
     ``slo_failed``: the new model loaded but missed its SLO in the post-install gate and was
     rolled back; ``fidelity_failed``: it loaded but computes other tokens than the build host did
     (the gate's fidelity check, agent.fidelity) and was rolled back; ``install_failed`` is any
-    other failed load check.
+    other failed load check; ``interrupted``: the agent stopped during the install (its download
+    was cancelled, or the agent died and says so when it is back): sent again, it resumes.
     """
     # The store wraps whatever the load check raised in InstallError(rolled_back=True); the
     # cause says whether it was the gate, which a rollout reacts to differently (the build is
@@ -697,6 +698,8 @@ def error_code(e: BaseException) -> str:
         return "slo_failed"
     if isinstance(e, ProtocolError):
         return e.code
+    if isinstance(e, InstallError) and e.step == "fetch":
+        return "interrupted"  # the download was cancelled because the agent stops: send it again
     for cls, code in _ERROR_CODES:
         if isinstance(e, cls):
             return code

@@ -5,7 +5,8 @@ Layout under ``state_dir``::
     slots/<id>/manifest.json, manifest.sig, payload/...   one folder per installed bundle
     pointers.json      {"current": id, "previous": id, "pending": bool,
                         "versions": {model_name: {"version": n, "digest": d}}}  written atomically
-    staging/           partial downloads/extractions; wiped on start
+    staging/           extractions in progress; wiped on start, except the newest streamed
+                       install's partial and its journal, kept to resume (agent/partial.py)
     lock               flock: one install/rollback at a time
 
 ``versions`` is the high-water mark: the highest version committed per model. It lives in the same
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from agent import partial
 from agent._crashpoint import crash_point
 from agent._fs import atomic_write, fsync_dir, fsync_tree
 from agent.bundle import MANIFEST_NAME, SIGNATURE_NAME, Keyring, Manifest, verify_manifest
@@ -54,6 +56,7 @@ GATE_NAME = "gate.json"  # in a slot: the gate report measured on it here
 DISK_MARGIN_BYTES = 64 << 20  # keep this much free beyond the payload: logs and state must still fit
 EventSink = Callable[[str, dict[str, Any]], None]
 LoadCheck = Callable[["InstalledBundle"], dict[str, Any] | None]
+StreamOpener = Callable[[int, Any], contextlib.AbstractContextManager[IO[bytes]]]
 
 
 @dataclass(frozen=True)
@@ -191,10 +194,9 @@ class Store:
             fsync_dir(self.state_dir)
 
     def _recover(self) -> None:
-        # (a) partial extractions never became slots, and temp files of atomic writes were never
-        # renamed: drop them.
-        for leftover in self.staging_dir.iterdir():
-            shutil.rmtree(leftover, ignore_errors=True)
+        # (a) extractions that never became slots, and temp files of atomic writes that were never
+        # renamed: drop them; but keep the newest streamed install's partial, to resume from.
+        partial.sweep(self.staging_dir, keep=partial.newest(self.staging_dir))
         for folder in (self.state_dir, *(d for d in self.slots_dir.iterdir() if d.is_dir())):
             for tmp in folder.glob(".*.tmp"):
                 tmp.unlink(missing_ok=True)
@@ -311,9 +313,9 @@ class Store:
         """Verify and install a bundle, then make it current (or keep the old one).
 
         Args:
-            source: the bundle file, or a readable binary stream of it (e.g.
-                :func:`agent.fetch.open_download`: staged as it downloads, one copy on disk; a
-                stream is read to its end before the switch, where a download checks its sha256).
+            source: the bundle file, or a readable binary stream of it (staged as it is read, one
+                copy on disk; a stream is read to its end before the switch, where a download
+                checks its sha256). For a download that resumes, see :meth:`install_download`.
             load_check: loads the new bundle and returns measured figures; raising rolls back.
             on_event: receives ("verified" | "staged" | "switched" | "committed" |
                 "rolled_back", details) as the install progresses.
@@ -329,100 +331,183 @@ class Store:
             StoreError: another install runs, or the state is unreadable.
             Each error's ``serving`` names what serves after it (its ``diagnostics()`` says it).
         """
-        emit = on_event or (lambda _e, _d: None)
         with self._telling_what_serves(), self._locked(), contextlib.ExitStack() as stack:
             if isinstance(source, (str, Path)):
                 try:
                     stream: IO[bytes] = stack.enter_context(open(source, "rb"))
                 except OSError as e:
                     raise InstallError(f"cannot read bundle {source}: {e}", step="read") from e
-            else:
-                stream = source
-            from agent.bundle.archive import BundleReader  # lazily: tarfile only when installing
+                return self._install(stream, None, None, load_check, on_event, progress)
+            return self._install(source, None, None, load_check, on_event, progress, to_end=True)
 
+    def install_download(
+        self,
+        sha256: str,
+        size: int,
+        open_stream: StreamOpener,
+        *,
+        load_check: LoadCheck | None = None,
+        on_event: EventSink | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> InstallResult:
+        """:meth:`install` of a download that survives the agent (agent/partial.py): staged as it
+        arrives, checkpointed, and when this download was interrupted before (the agent died, or
+        the network gave up), continued from the last checkpoint instead of byte 0.
+
+        Args:
+            sha256: the whole download's sha256 (it names the kept partial).
+            size: its length in bytes.
+            open_stream: ``open_stream(start, prefix)`` returns a context manager of the download
+                from byte ``start`` whose end check includes ``prefix`` (the hashlib sha256 of the
+                bytes before ``start``, or None from byte 0), e.g. :func:`agent.fetch.open_download`.
+            load_check, on_event, progress: as for :meth:`install`; ``on_event`` also receives
+                ("resumed", {"from_byte", "staged_bytes"}).
+
+        Raises:
+            What :meth:`install` raises. A download that failed in a way that may pass (the
+            network, a cancel) keeps what it staged and says so in the error's hint.
+        """
+        emit = on_event or (lambda _e, _d: None)
+        with self._telling_what_serves(), self._locked():
+            kept = partial.load(self.staging_dir, sha256, size)
+            start, prefix = (kept.offset, kept.hasher.copy()) if kept else (0, None)
+            with open_stream(start, prefix) as stream:
+                if kept is not None:
+                    emit("resumed", {"from_byte": kept.offset, "staged_bytes": kept.staged_bytes})
+                return self._install(stream, (sha256, size), kept, load_check, on_event, progress,
+                                     to_end=True)
+
+    def _install(self, stream: IO[bytes], download: tuple[str, int] | None,
+                 kept: partial.Partial | None, load_check: LoadCheck | None,
+                 on_event: EventSink | None, progress: Callable[[int], None] | None,
+                 *, to_end: bool = False) -> InstallResult:
+        # Runs with the lock held. ``download``: stage into a partial that can resume; ``kept``:
+        # the partial being resumed (its header was read at first, and is verified again here).
+        emit = on_event or (lambda _e, _d: None)
+        from agent.bundle.archive import BundleReader  # lazily: tarfile only when installing
+
+        if kept is not None:
+            reader = BundleReader(stream, resume=kept.resume)
+            manifest_bytes, sig_bytes = kept.manifest_bytes, kept.sig_bytes
+        else:
             reader = BundleReader(stream)
             # (1) verify the signed manifest before reading any payload.
             manifest_bytes, sig_bytes = reader.read_header()
-            digest = hashlib.sha256(manifest_bytes).hexdigest()
-            # The high-water mark is keyed by model name, which we only know after parsing;
-            # verify once without it (signature first), then apply the version rule.
-            manifest = verify_manifest(manifest_bytes, sig_bytes, self.keyring)
-            hw_version, hw_digest = self.high_water(manifest.model_name)
-            verify_manifest(manifest_bytes, sig_bytes, self.keyring, hw_version, hw_digest, digest)
-            slot = digest[:16]
-            crash_point("verified")
-            emit("verified", {"model": manifest.model_name, "version": manifest.version,
-                              "digest": digest, "signer": manifest.signer_key_id})
-            pointers = self._pointers_get()
-            old_current = pointers.get("current")
-            if old_current == slot:
-                log.info("bundle %s is already current", slot)
-                return InstallResult(self._load_slot(slot), self.previous(), already_installed=True)
-            # (2) resources before writing anything.
-            self._check_requirements(manifest)
-            # (3) stream into staging while hashing; (4) fsync and move into place.
-            if not self._slot_dir(slot).is_dir():
-                staging = Path(tempfile.mkdtemp(prefix=f"{slot}.", dir=self.staging_dir))
-                try:
-                    reader.extract_payload(manifest, staging / "payload", progress)
-                    if not isinstance(source, (str, Path)):
-                        # Read a stream to its end (the tar's padding): a download checks the
-                        # whole file's length and sha256 there, before anything is switched.
-                        while stream.read(1 << 20):
-                            pass
-                    atomic_write(staging / MANIFEST_NAME, manifest_bytes)
-                    atomic_write(staging / SIGNATURE_NAME, sig_bytes)
-                    fsync_tree(staging)
-                    os.replace(staging, self._slot_dir(slot))
-                    crash_point("staging renamed to its slot")
-                    fsync_dir(self.slots_dir)
-                except BaseException as e:
-                    shutil.rmtree(staging, ignore_errors=True)
-                    if isinstance(e, OSError):
-                        raise InstallError(f"writing the bundle failed: {e}", step="stage",
-                                           hint="Nothing was changed; check free disk space.") from e
-                    raise
-            crash_point("staged")
-            emit("staged", {"slot": slot, "bytes": manifest.payload_bytes})
-            new = self._load_slot(slot)
-            # Remember what this slot replaced so an undo after a crash can restore both pointers.
-            atomic_write(new.path / "previous.json",
-                         json.dumps({"previous": pointers.get("previous")}).encode())
-            # (5) switch, marked pending until the load check passes; the high-water mark stays.
-            versions: dict[str, Any] = pointers["versions"]
-            self._pointers_set(slot, old_current, True, versions)
-            emit("switched", {"slot": slot, "previous": old_current})
-            # (6) load check; (7) commit or switch back.
-            figures: dict[str, Any] | None = None
-            if load_check is not None:
-                crash_point("load check starts")
-                try:
-                    figures = load_check(new)
-                except Exception as e:  # any failure to serve the new bundle means roll back
-                    self._pointers_set(old_current, pointers.get("previous"), False, versions)
-                    crash_point("switched back")
-                    if slot != pointers.get("previous"):  # a reinstall of the previous bundle keeps it
-                        shutil.rmtree(new.path, ignore_errors=True)
-                    reason = str(e)
-                    emit("rolled_back", {"slot": slot, "reason": reason, "serving": old_current})
-                    raise InstallError(
-                        f"the new bundle failed its load check and was rolled back: {reason}",
-                        rolled_back=True, step="load_check",
-                        hint="The previous model serves again." if old_current else
-                        "This was the first install here: there is no previous model to serve.",
-                    ) from e
-                crash_point("load check passed")
-            # The commit: pending cleared and the high-water mark raised in one atomic rename.
-            hw = versions.get(manifest.model_name)
-            if not isinstance(hw, dict) or manifest.version >= int(hw.get("version", -1)):
-                versions = {**versions,
-                            manifest.model_name: {"version": manifest.version, "digest": digest}}
-            self._pointers_set(slot, old_current, False, versions)
-            self._gc({slot, old_current})
-            crash_point("committed")
-            emit("committed", {"slot": slot, "version": manifest.version, "check": figures})
-            prev = self._load_slot(old_current) if old_current else None
-            return InstallResult(new, prev, check=figures)
+        try:
+            manifest, digest = self._verify(manifest_bytes, sig_bytes)
+        except EdgepackError:
+            if kept is not None:
+                kept.drop()  # a key revoked, a newer version committed since: it will not resume
+            raise
+        slot = digest[:16]
+        crash_point("verified")
+        emit("verified", {"model": manifest.model_name, "version": manifest.version,
+                          "digest": digest, "signer": manifest.signer_key_id})
+        pointers = self._pointers_get()
+        old_current = pointers.get("current")
+        if kept is not None and (old_current == slot or self._slot_dir(slot).is_dir()):
+            kept.drop()  # the bundle is here already
+        if old_current == slot:
+            log.info("bundle %s is already current", slot)
+            return InstallResult(self._load_slot(slot), self.previous(), already_installed=True)
+        # (2) resources before writing anything (what a resumed partial staged is on disk already).
+        self._check_requirements(manifest, staged=kept.staged_bytes if kept else 0)
+        # (3) stream into staging while hashing; (4) fsync and move into place.
+        if not self._slot_dir(slot).is_dir():
+            self._stage(reader, stream, manifest, manifest_bytes, sig_bytes, slot, download, kept,
+                        progress, to_end)
+        crash_point("staged")
+        emit("staged", {"slot": slot, "bytes": manifest.payload_bytes})
+        new = self._load_slot(slot)
+        # Remember what this slot replaced so an undo after a crash can restore both pointers.
+        atomic_write(new.path / "previous.json",
+                     json.dumps({"previous": pointers.get("previous")}).encode())
+        # (5) switch, marked pending until the load check passes; the high-water mark stays.
+        versions: dict[str, Any] = pointers["versions"]
+        self._pointers_set(slot, old_current, True, versions)
+        emit("switched", {"slot": slot, "previous": old_current})
+        # (6) load check; (7) commit or switch back.
+        figures: dict[str, Any] | None = None
+        if load_check is not None:
+            crash_point("load check starts")
+            try:
+                figures = load_check(new)
+            except Exception as e:  # any failure to serve the new bundle means roll back
+                self._pointers_set(old_current, pointers.get("previous"), False, versions)
+                crash_point("switched back")
+                if slot != pointers.get("previous"):  # a reinstall of the previous bundle keeps it
+                    shutil.rmtree(new.path, ignore_errors=True)
+                reason = str(e)
+                emit("rolled_back", {"slot": slot, "reason": reason, "serving": old_current})
+                raise InstallError(
+                    f"the new bundle failed its load check and was rolled back: {reason}",
+                    rolled_back=True, step="load_check",
+                    hint="The previous model serves again." if old_current else
+                    "This was the first install here: there is no previous model to serve.",
+                ) from e
+            crash_point("load check passed")
+        # The commit: pending cleared and the high-water mark raised in one atomic rename.
+        hw = versions.get(manifest.model_name)
+        if not isinstance(hw, dict) or manifest.version >= int(hw.get("version", -1)):
+            versions = {**versions,
+                        manifest.model_name: {"version": manifest.version, "digest": digest}}
+        self._pointers_set(slot, old_current, False, versions)
+        self._gc({slot, old_current})
+        crash_point("committed")
+        emit("committed", {"slot": slot, "version": manifest.version, "check": figures})
+        prev = self._load_slot(old_current) if old_current else None
+        return InstallResult(new, prev, check=figures)
+
+    def _verify(self, manifest_bytes: bytes, sig_bytes: bytes) -> tuple[Manifest, str]:
+        digest = hashlib.sha256(manifest_bytes).hexdigest()
+        # The high-water mark is keyed by model name, which we only know after parsing;
+        # verify once without it (signature first), then apply the version rule.
+        manifest = verify_manifest(manifest_bytes, sig_bytes, self.keyring)
+        hw_version, hw_digest = self.high_water(manifest.model_name)
+        verify_manifest(manifest_bytes, sig_bytes, self.keyring, hw_version, hw_digest, digest)
+        return manifest, digest
+
+    def _stage(self, reader: Any, stream: IO[bytes], manifest: Manifest, manifest_bytes: bytes,
+               sig_bytes: bytes, slot: str, download: tuple[str, int] | None,
+               kept: partial.Partial | None, progress: Callable[[int], None] | None,
+               to_end: bool) -> None:
+        """Stream the payload into staging while hashing, then fsync it and rename it to its slot."""
+        part = kept
+        if part is None and download is not None:
+            part = partial.create(self.staging_dir, *download, manifest_bytes, sig_bytes)
+        staging = part.dir if part is not None else \
+            Path(tempfile.mkdtemp(prefix=f"{slot}.", dir=self.staging_dir))
+        try:
+            reader.extract_payload(manifest, staging / "payload", progress,
+                                   part.checkpoint if part is not None else None)
+            if to_end:
+                # Read a stream to its end (the tar's padding): a download checks the whole
+                # file's length and sha256 there, before anything is switched.
+                while stream.read(1 << 20):
+                    pass
+            atomic_write(staging / MANIFEST_NAME, manifest_bytes)
+            atomic_write(staging / SIGNATURE_NAME, sig_bytes)
+            fsync_tree(staging)
+            os.replace(staging, self._slot_dir(slot))
+            crash_point("staging renamed to its slot")
+            fsync_dir(self.slots_dir)
+        except BaseException as e:
+            if part is not None and partial.keeps(e):
+                if isinstance(e, EdgepackError) and part.resume is not None:
+                    e.hint = (f"{part.staged_bytes} bytes of it are staged: sent again, the "
+                              f"install continues from byte {part.offset}.")
+                log.info("kept the partial install of %s to resume: %s", slot, e)
+                raise
+            if part is not None:
+                part.drop()
+            else:
+                shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise InstallError(f"writing the bundle failed: {e}", step="stage",
+                                   hint="Nothing was changed; check free disk space.") from e
+            raise
+        if part is not None:
+            part.finished()
 
     def record_gate(self, slot: str, report: dict[str, Any]) -> None:
         """Keep the gate report measured on an installed bundle beside it (atomically)."""
@@ -430,7 +515,7 @@ class Store:
         if d.is_dir():
             atomic_write(d / GATE_NAME, json.dumps(report, sort_keys=True).encode())
 
-    def _check_requirements(self, m: Manifest) -> None:
+    def _check_requirements(self, m: Manifest, *, staged: int = 0) -> None:
         req = m.requirements
         if req.arch and self.arch not in {normalize_arch(a) for a in req.arch}:
             raise InstallError(
@@ -444,14 +529,15 @@ class Store:
                 f"{ram / 2**30:.2f} GiB", needed=req.min_ram_bytes, available=ram, resource="ram",
             )
         payload = max(m.payload_bytes, req.min_disk_bytes)
-        need = payload + DISK_MARGIN_BYTES
+        need = max(payload - staged, 0) + DISK_MARGIN_BYTES
         free = self._disk_free(self.state_dir)
         if free < need:
             # One copy: the payload is staged straight from the bundle (or its download stream).
+            resumed = f", {staged / 2**20:.0f} MiB of it staged already" if staged else ""
             raise InsufficientResourcesError(
                 f"bundle needs {need / 2**20:.0f} MiB free disk in {self.state_dir} "
-                f"({payload / 2**20:.0f} MiB payload + {DISK_MARGIN_BYTES >> 20} MiB margin); "
-                f"{free / 2**20:.0f} MiB free", needed=need, available=free, resource="disk",
+                f"({payload / 2**20:.0f} MiB payload{resumed} + {DISK_MARGIN_BYTES >> 20} MiB "
+                f"margin); {free / 2**20:.0f} MiB free", needed=need, available=free, resource="disk",
             )
 
     def _gc(self, keep: set[str | None]) -> None:

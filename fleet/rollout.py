@@ -86,7 +86,9 @@ NEW, RUNNING, PAUSED, FINISHED, OPEN, ABORTED = "new", "running", "paused", "fin
 ACTIVE: Final = frozenset({NEW, RUNNING, PAUSED, OPEN})  # may still dispatch: one per fleet
 
 # Failure codes worth another attempt (the device or the network, not the bundle).
-RETRYABLE: Final = frozenset({"download_failed", "busy", "store", "internal", "timeout"})
+# "interrupted": the agent died mid-install and says so when it is back; sent again, it resumes.
+RETRYABLE: Final = frozenset({"download_failed", "busy", "store", "internal", "timeout",
+                              "interrupted"})
 
 _HISTORY = 200  # rollout history lines kept
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,40}$")

@@ -64,6 +64,9 @@ class BundleServer:
         host: address to bind; loopback by default. ``"::1"`` or another IPv6 address works too.
         port: TCP port; 0 picks a free one (see :attr:`port` after :meth:`start`).
         drop_after_bytes: tests only: cut the first response that reaches this many body bytes.
+        stall_after_bytes: tests only: the first response that reaches this many body bytes stops
+            sending there and holds its connection until :meth:`release` (or a minute), then cuts
+            it; :meth:`wait_stalled` tells when a client has all the bytes before the stall.
         ignore_range: tests only: answer every request with the whole file (200).
         send_content_length: tests only: False omits ``Content-Length`` and closes to end a body.
     """
@@ -75,6 +78,7 @@ class BundleServer:
         port: int = 0,
         *,
         drop_after_bytes: int | None = None,
+        stall_after_bytes: int | None = None,
         ignore_range: bool = False,
         send_content_length: bool = True,
     ) -> None:
@@ -86,6 +90,9 @@ class BundleServer:
         self.send_content_length = send_content_length
         self.requests: list[ServedRequest] = []
         self._drop_after = drop_after_bytes  # armed until one response is cut
+        self._stall_after = stall_after_bytes  # armed until one response stalls
+        self._stalled = threading.Event()
+        self._released = threading.Event()
         self._lock = threading.Lock()
         self._hash_lock = threading.Lock()  # serializes hashing: one pass per file, not per request
         self._hashes: dict[str, tuple[int, int, str]] = {}  # name -> (mtime_ns, size, sha256)
@@ -124,8 +131,17 @@ class BundleServer:
             log.info("serving %s at http://%s:%d/", self.directory, self.host, self.port)
         return self
 
+    def wait_stalled(self, timeout: float = 30.0) -> bool:
+        """Wait until a response stalled at ``stall_after_bytes``; False on timeout."""
+        return self._stalled.wait(timeout)
+
+    def release(self) -> None:
+        """End a stalled response (its connection is cut, as a dropped link would)."""
+        self._released.set()
+
     def stop(self) -> None:
         """Stop serving and close the listening socket (waits at most a few seconds)."""
+        self._released.set()
         if self._thread is not None:
             self._httpd.shutdown()
             self._thread.join(timeout=5.0)
@@ -152,14 +168,19 @@ class BundleServer:
             self.requests.append(entry)
             self._recorded.notify_all()
 
-    def _claim_drop(self, sent: int, chunk: int) -> int | None:
-        """If this response should be cut within the next ``chunk`` bytes, return where."""
+    def _claim_drop(self, sent: int, chunk: int) -> tuple[int, bool] | None:
+        """If this response should be cut within the next ``chunk`` bytes, return where and
+        whether it stalls there first."""
         with self._lock:
-            if self._drop_after is None or sent + chunk < self._drop_after:
-                return None
-            at = self._drop_after - sent
-            self._drop_after = None  # once only: the retry must succeed
-            return max(at, 0)
+            for stall, limit in ((False, self._drop_after), (True, self._stall_after)):
+                if limit is not None and sent + chunk >= limit:
+                    # Once only: the retry must succeed.
+                    if stall:
+                        self._stall_after = None
+                    else:
+                        self._drop_after = None
+                    return max(limit - sent, 0), stall
+            return None
 
     def _resolve(self, raw_path: str) -> Path | None:
         """The file a request path names, or None unless it is a plain regular file here."""
@@ -314,11 +335,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             chunk = f.read(min(CHUNK_BYTES, length - sent))
             if not chunk:
                 break  # the file shrank while serving; the client sees a short body
-            cut = self.server.owner._claim_drop(sent, len(chunk))
-            if cut is not None:
+            claim = self.server.owner._claim_drop(sent, len(chunk))
+            if claim is not None:
+                cut, stall = claim
                 self.wfile.write(chunk[:cut])
                 self.wfile.flush()
                 sent += cut
+                if stall:
+                    self.server.owner._stalled.set()
+                    self.server.owner._released.wait(60.0)  # bounded: a test that forgot still ends
                 self._cut_connection()
                 return sent
             self.wfile.write(chunk)

@@ -124,3 +124,19 @@ def tar_member(name: str, data: bytes, *, size: int | None = None, kind: bytes =
         h[124:136] = size_field(size)
         buf[-BLOCK:] = set_checksum(h)
     return bytes(buf) + data + bytes(-len(data) % BLOCK)
+
+
+def partial_offset(staging_dir: Path) -> int:
+    """The byte a streamed install kept in ``staging_dir`` resumes its download from (0: none),
+    read from its journal (agent/partial.py) the way the agent reads it."""
+    import base64
+    import json
+
+    journals = list(staging_dir.glob("partial-*.journal.json"))
+    if not journals:
+        return 0
+    try:
+        doc = json.loads(journals[0].read_bytes())
+    except (OSError, ValueError):  # replaced between the glob and the read: the next poll sees it
+        return 0
+    return sum(len(base64.b64decode(s["head"])) + s["staged"] for s in doc["segments"])

@@ -3,7 +3,8 @@
 Run as ``python tests/crashchild.py STATE KEYRING OP [ARGS] [--fail-check]`` with
 ``EDGEPACK_TEST_CRASH_AT=N`` (agent/_crashpoint.py) to die by SIGKILL at the N-th step, or with
 ``EDGEPACK_TEST_CRASH_TRACE=FILE`` to list the steps. OP is ``install BUNDLE``, ``stream URL SHA256
-SIZE`` (an install streamed from a download, as the MQTT installer does), ``rollback`` or ``open``
+SIZE`` (an install streamed from a download that resumes after a kill, as the MQTT installer
+does), ``rollback`` or ``open``
 (only the recovery a start runs). It imports only the store, so a child starts in a fraction of a
 second and a test can afford hundreds of them.
 
@@ -42,10 +43,16 @@ def main(argv: list[str]) -> int:
         if op == "install":
             store.install(Path(rest[0]), load_check=check)
         elif op == "stream":
+            from agent.bundle import archive
             from agent.fetch import open_download
 
-            with open_download(rest[0], sha256=rest[1], size=int(rest[2]), timeout=10.0) as stream:
-                store.install(stream, load_check=check)
+            archive.CHECKPOINT_BYTES = 1 << 20  # a small bundle: checkpoints inside its files too
+
+            def open_stream(start: int, prefix: Any) -> Any:
+                return open_download(rest[0], sha256=rest[1], size=int(rest[2]), timeout=10.0,
+                                     start=start, prefix=prefix)
+
+            store.install_download(rest[1], int(rest[2]), open_stream, load_check=check)
         elif op == "rollback":
             store.rollback()
         elif op != "open":

@@ -7,16 +7,28 @@ Invariants enforced while reading:
   listed in the signed manifest, seen once, of exactly the listed size, and its sha256 matches;
 - every listed file is present.
 The payload is written while hashing (one pass), into a staging folder the caller owns.
+
+Resumable staging: while it extracts, the reader can hand its caller :class:`Segment` records at
+checkpoints (every :data:`CHECKPOINT_BYTES` of a file, and at each file's end, always with the
+staged bytes fsynced). A segment keeps the archive's own bytes before a file's data (tar headers,
+padding; before the first payload file, the manifest and signature members too) and how much of
+the file is staged, so the archive up to a checkpoint is exactly the heads and the staged files in
+order. A reader built with ``resume=`` those segments continues the archive from that byte: the
+rest of a half-staged file first (appended), then the members that follow. Its caller re-hashes the
+heads and staged files to continue the whole download's sha256, so a resumed install checks every
+byte of the bundle as a fresh one does.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tarfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from agent._crashpoint import crash_point
 from agent.bundle.manifest import (
@@ -24,6 +36,7 @@ from agent.bundle.manifest import (
     MAX_MANIFEST_BYTES,
     MAX_SIGNATURE_BYTES,
     SIGNATURE_NAME,
+    FileEntry,
     Manifest,
     check_member_path,
 )
@@ -31,6 +44,81 @@ from agent.bundle.verify import check_file
 from agent.errors import BundleFormatError, ManifestError, SignatureError
 
 CHUNK = 1 << 20  # 1 MiB reads: large enough for hashlib's SHA-NI path, small for memory
+# How often a resumable extraction persists its progress: what a killed agent downloads again at
+# most, against one fsync and one small journal write per step.
+CHECKPOINT_BYTES = 8 << 20
+_BLOCK = tarfile.BLOCKSIZE
+
+
+@dataclass
+class Segment:
+    """One payload file as the archive carried it (see the module docstring).
+
+    Attributes:
+        head: the archive's bytes between the previous file's data and this file's data.
+        path: the member's path, as listed in the manifest.
+        staged: how many of its data bytes are staged (and fsynced) at the last checkpoint.
+        complete: all of it is staged and its sha256 matched the manifest.
+        staged_sha256: the sha256 of the staged bytes while incomplete (a resume re-reads them
+            and refuses a changed file before continuing it).
+    """
+
+    head: bytes
+    path: str
+    staged: int = 0
+    complete: bool = False
+    staged_sha256: str = ""
+
+
+Checkpoint = Callable[[list[Segment]], None]
+
+
+@dataclass
+class Resume:
+    """Where a resumed extraction starts: the segments of the last checkpoint, and the sha256 of
+    the last file's staged bytes when it is incomplete (its caller read them back already)."""
+
+    segments: list[Segment]
+    tail_hash: Any = None  # hashlib sha256 object of the incomplete last file's staged bytes
+
+    @property
+    def offset(self) -> int:
+        """The archive byte the extraction continues from."""
+        return sum(len(s.head) + s.staged for s in self.segments)
+
+
+class _Tap(io.RawIOBase):
+    """The archive as tarfile reads it: counts the position, and keeps the bytes that are not
+    payload data so they can become a :class:`Segment`'s head (tarfile reads ahead, so the bytes
+    are sorted out by position, not by when they were read)."""
+
+    def __init__(self, inner: IO[bytes], pos: int) -> None:
+        super().__init__()
+        self._inner = inner
+        self.pos = pos
+        self._kept = bytearray()
+        self._kept_from = pos  # _kept holds the bytes [_kept_from, pos)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._inner.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        start, self.pos = self.pos, self.pos + n
+        if self.pos > self._kept_from:
+            self._kept += data[max(self._kept_from - start, 0):]
+        return n
+
+    def data_at(self, start: int, end: int) -> bytes:
+        """Payload data occupies [start, end): return the kept bytes before it, keep none of it."""
+        if start < self._kept_from:
+            raise BundleFormatError("archive members overlap")
+        head = bytes(self._kept[: start - self._kept_from])
+        self._kept = self._kept[end - self._kept_from:] if self.pos > end else bytearray()
+        self._kept_from = end
+        return head
 
 
 def _describe(m: tarfile.TarInfo) -> str:
@@ -47,17 +135,31 @@ class BundleReader:
     """Stream a bundle: :meth:`read_header`, verify it (caller), then :meth:`extract_payload`.
 
     Args:
-        fileobj: a readable binary stream positioned at the start of the bundle.
+        fileobj: a readable binary stream positioned at the start of the bundle, or with
+            ``resume``, at byte ``resume.offset`` of it.
+        resume: continue an extraction from its last checkpoint (the caller has verified the
+            manifest it keeps; :meth:`read_header` is not called).
     """
 
-    def __init__(self, fileobj: IO[bytes]) -> None:
+    def __init__(self, fileobj: IO[bytes], *, resume: Resume | None = None) -> None:
+        self._resume = resume
+        self._tap = _Tap(fileobj, resume.offset if resume else 0)
+        self._segments: list[Segment] = list(resume.segments) if resume else []
+        self._tar: tarfile.TarFile | None = None
+        self._base = 0  # the archive byte the tar stream was opened at
+        self._header_read = resume is not None
+        if resume is None:
+            self._open_tar()
+
+    def _open_tar(self) -> None:
+        self._base = self._tap.pos
         try:
-            self._tar = tarfile.open(fileobj=fileobj, mode="r|")
+            self._tar = tarfile.open(fileobj=self._tap, mode="r|")  # reads the first header
         except tarfile.TarError as e:
             raise BundleFormatError(f"not a bundle (tar): {e}") from e
-        self._header_read = False
 
     def _next(self) -> tarfile.TarInfo | None:
+        assert self._tar is not None
         try:
             return self._tar.next()
         except tarfile.TarError as e:
@@ -75,6 +177,7 @@ class BundleReader:
             raise BundleFormatError(f"{name} is {_describe(m)}, not a regular file", member=name)
         if m.size > limit:
             raise BundleFormatError(f"{name} is {m.size} bytes (limit {limit})", member=name)
+        assert self._tar is not None
         f = self._tar.extractfile(m)
         assert f is not None  # regular files always have a stream
         try:
@@ -99,14 +202,18 @@ class BundleReader:
         manifest: Manifest,
         dest: Path | None,
         progress: Callable[[int], None] | None = None,
+        checkpoint: Checkpoint | None = None,
     ) -> None:
         """Stream every payload member into ``dest`` while checking it against ``manifest``.
 
         Args:
             manifest: the VERIFIED manifest.
-            dest: an empty staging folder; files are created exclusively, never followed links.
-                None checks the payload without writing it (``edgepack bundle verify``).
+            dest: an empty staging folder (with ``resume``, the one the checkpoints describe);
+                files are created exclusively, never followed links. None checks the payload
+                without writing it (``edgepack bundle verify``).
             progress: called with the number of bytes just written.
+            checkpoint: called with every segment so far, each time the staged bytes are fsynced
+                at a checkpoint; the caller persists them to resume from there.
 
         Raises:
             BundleFormatError: a member breaks a structural rule (the message names it).
@@ -115,7 +222,9 @@ class BundleReader:
         if not self._header_read:
             raise BundleFormatError("read_header() must be called before extract_payload()")
         expected = {f.path: f for f in manifest.files}
-        seen: set[str] = set()
+        seen = {s.path for s in self._segments}
+        if self._tar is None:
+            self._continue(expected, dest, progress, checkpoint)
         while (m := self._next()) is not None:
             try:
                 check_member_path(m.name)
@@ -133,6 +242,10 @@ class BundleReader:
             seen.add(m.name)
             if m.size != entry.size:
                 check_file(entry, m.size, "")  # raises DigestMismatchError naming the sizes
+            start = self._base + m.offset_data
+            seg = Segment(self._tap.data_at(start, start + m.size), m.name)
+            self._segments.append(seg)
+            assert self._tar is not None
             src = self._tar.extractfile(m)
             assert src is not None
             out = None
@@ -142,31 +255,93 @@ class BundleReader:
                 fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
                 out = os.fdopen(fd, "wb")
                 crash_point(f"stage {m.name}: created")
-            h = hashlib.sha256()
-            written = 0
-            try:
-                while chunk := src.read(CHUNK):
-                    h.update(chunk)
-                    if out is not None:
-                        out.write(chunk)
-                        crash_point(f"stage {m.name}: {written + len(chunk)} bytes written")
-                    written += len(chunk)
-                    if progress:
-                        progress(len(chunk))
-                if out is not None:
-                    out.flush()
-                    os.fsync(out.fileno())
-                    crash_point(f"stage {m.name}: fsynced")
-            except (tarfile.TarError, EOFError) as e:
-                raise BundleFormatError(f"member {m.name!r} is truncated: {e}", member=m.name) from e
-            finally:
-                if out is not None:
-                    out.close()
-            check_file(entry, written, h.hexdigest())
+            self._stage(src, out, entry, seg, hashlib.sha256(), progress, checkpoint)
         missing = sorted(set(expected) - seen)
         if missing:
             raise BundleFormatError(f"bundle is missing listed files: {', '.join(missing[:5])}",
                                     member=missing[0])
 
+    def _continue(self, expected: dict[str, FileEntry], dest: Path | None,
+                  progress: Callable[[int], None] | None, checkpoint: Checkpoint | None) -> None:
+        """A resumed extraction: the rest of a half-staged file, its padding, then the archive."""
+        assert self._resume is not None
+        last = self._segments[-1] if self._segments else None
+        if last is not None and not last.complete:
+            entry = expected.get(last.path)
+            if entry is None or dest is None or self._resume.tail_hash is None:
+                raise BundleFormatError(f"cannot resume {last.path!r}: not in the manifest",
+                                        member=last.path)
+            start = self._tap.pos - last.staged
+            self._tap.data_at(self._tap.pos, start + entry.size)
+            fd = os.open(dest / last.path, os.O_WRONLY | os.O_NOFOLLOW)
+            out = os.fdopen(fd, "wb")
+            out.truncate(last.staged)  # bytes past the last checkpoint were never recorded
+            out.seek(last.staged)
+            src = _Limited(self._tap, entry.size - last.staged, last.path)
+            self._stage(src, out, entry, last, self._resume.tail_hash, progress, checkpoint)
+        if last is not None:
+            pad = -last.staged % _BLOCK  # the tar stream goes on at the next block
+            if pad and len(self._tap.read(pad) or b"") != pad:
+                raise BundleFormatError("bundle archive is truncated", member=last.path)
+        self._open_tar()
+
+    def _stage(self, src: io.RawIOBase | IO[bytes], out: IO[bytes] | None, entry: FileEntry, seg: Segment,
+               h: Any, progress: Callable[[int], None] | None,
+               checkpoint: Checkpoint | None) -> None:
+        """Copy one member's data from ``src`` (already ``seg.staged`` bytes in) to ``out``."""
+        written = seg.staged
+        since = 0
+        name = seg.path
+        try:
+            while chunk := src.read(CHUNK):
+                h.update(chunk)
+                if out is not None:
+                    out.write(chunk)
+                    crash_point(f"stage {name}: {written + len(chunk)} bytes written")
+                written += len(chunk)
+                since += len(chunk)
+                if progress:
+                    progress(len(chunk))
+                if out is not None and checkpoint is not None and since >= CHECKPOINT_BYTES:
+                    out.flush()
+                    os.fsync(out.fileno())
+                    seg.staged, seg.staged_sha256, since = written, h.copy().hexdigest(), 0
+                    checkpoint(self._segments)
+            if out is not None:
+                out.flush()
+                os.fsync(out.fileno())
+                crash_point(f"stage {name}: fsynced")
+        except (tarfile.TarError, EOFError) as e:
+            raise BundleFormatError(f"member {name!r} is truncated: {e}", member=name) from e
+        finally:
+            if out is not None:
+                out.close()
+        check_file(entry, written, h.hexdigest())
+        seg.staged, seg.complete, seg.staged_sha256 = written, True, ""
+        if out is not None and checkpoint is not None:
+            checkpoint(self._segments)
+
     def close(self) -> None:
-        self._tar.close()
+        if self._tar is not None:
+            self._tar.close()
+
+
+class _Limited(io.RawIOBase):
+    """The next ``n`` bytes of a stream; fewer is a truncated member."""
+
+    def __init__(self, inner: io.RawIOBase, n: int, name: str) -> None:
+        super().__init__()
+        self._inner, self._left, self._name = inner, n, name
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._left <= 0:
+            return 0
+        data = self._inner.read(min(len(buffer), self._left))
+        if not data:
+            raise BundleFormatError(f"member {self._name!r} is truncated", member=self._name)
+        buffer[: len(data)] = data
+        self._left -= len(data)
+        return len(data)

@@ -6,9 +6,11 @@ The real daemon as a process, a real mosquitto, the real sample bundles over HTT
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 from agentkit import AgentProcess, Host
+from bundlekit import partial_offset
 
 from agent._fs import file_digest
 from agent.protocol import InstallRequest, RollbackRequest, StatusRequest
@@ -17,6 +19,7 @@ from fleet.serve import BundleServer
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 DEV = "dev-j"
+MIB = 1 << 20
 
 
 @pytest.fixture
@@ -107,3 +110,53 @@ def test_a_conditional_rollback_runs_once_and_only_from_the_named_bundle(
         assert status["current"]["version"] == 1
     finally:
         agent.stop()
+
+
+def test_an_agent_killed_mid_download_says_so_when_back_and_resumes_the_install_sent_again(
+        tmp_path, broker, host, agent_bundles):
+    """The real daemon, SIGKILLed while the real sample streams into its staging: back up, it
+    tells the host the job was interrupted (a rollout retries at once), and the install sent again
+    downloads only what was not checkpointed, then loads and gates the model as usual."""
+    bundle = agent_bundles["v1"]
+    size = bundle.stat().st_size
+    d = tmp_path / "served"
+    d.mkdir()
+    os.link(bundle, d / bundle.name)
+    stall = size * 3 // 5
+    with BundleServer(d, stall_after_bytes=stall) as server:
+        agent = _start(tmp_path, broker, agent_bundles, host)
+        try:
+            pending = host.requests.request(DEV, "install", _req(server, bundle, "ro-9.dev-j.1"),
+                                            timeout=180)
+            assert server.wait_stalled(60)
+            staging = tmp_path / "state" / "staging"
+            deadline = time.monotonic() + 60
+            while partial_offset(staging) < stall - 9 * MIB and time.monotonic() < deadline:
+                time.sleep(0.05)  # the agent checkpoints every 8 MiB: the last one before the stall
+            kept = partial_offset(staging)
+            assert kept >= stall - 9 * MIB, (kept, stall)
+            agent.kill()  # SIGKILL: no cancel, no reply, nothing flushed
+            pending.close()
+        finally:
+            agent.stop()
+        server.release()
+        assert server.wait_requests(1)
+        host.clear(DEV, "events")
+        agent = _start(tmp_path, broker, agent_bundles, host)
+        try:
+            told = host.wait_for(DEV, "events", lambda m: m["job"] == "ro-9.dev-j.1", timeout=30)
+            assert told["stage"] == "failed" and told["code"] == "interrupted"
+            assert "nothing" in told["serving"]
+            before = server.bytes_served
+            again = host.requests.call(DEV, "install", _req(server, bundle, "ro-9.dev-j.2"),
+                                       timeout=240)
+            assert again.ok, again.error
+            assert again.result["installed"]["version"] == 1 and again.result["check"]["decode_tok_s"] > 0
+            assert server.requests[-1].range == f"bytes={kept}-"
+            assert server.bytes_served - before == size - kept  # the staged part never came again
+            resumed = [e for e in host.status.get((DEV, "events"), [])
+                       if e["job"] == "ro-9.dev-j.2" and e["stage"] == "downloading" and "from_byte" in e]
+            assert resumed and resumed[0]["from_byte"] == kept
+            assert list(staging.iterdir()) == []
+        finally:
+            agent.stop()

@@ -11,8 +11,10 @@ restart:
   the commit's rename on, the old one before it (a failed load check: always the old one);
 - the current and previous bundles are complete and verifiable (signature over the slot's manifest,
   every file's length and sha256, no extra file), the high-water mark is right, nothing is pending;
-- no debris: the state folder holds exactly the two slots, the pointers and the lock;
-- the interrupted operation can simply be run again, and a replay of an older version is refused.
+- no debris: the state folder holds exactly the two slots, the pointers and the lock (and for a
+  streamed install, the one partial of its download, kept to resume: agent/partial.py);
+- the interrupted operation can simply be run again — a streamed one continues from the byte its
+  journal reached — and a replay of an older version is refused.
 
 Scenarios use a small made-up bundle of five files (a few MiB, so each MiB is a step), read from a
 file or streamed from a loopback HTTP server as the MQTT installer does; the real model (the tiny
@@ -37,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bundlekit import make_manifest
+from bundlekit import make_manifest, partial_offset
 
 from agent._fs import file_digest
 from agent.bundle import Keyring, SigningKey, verify_manifest
@@ -242,7 +244,15 @@ def check_bundle(store: Store, kit: Kit, slot: str) -> set[Path]:
     return allowed
 
 
-def check_state(store: Store, kit: Kit, want: State) -> None:
+def kept_partial(store: Store) -> Path | None:
+    """The partial a streamed install keeps to resume from (agent/partial.py), if any."""
+    dirs = [d for d in store.staging_dir.iterdir() if d.is_dir()]
+    assert len(dirs) <= 1, f"more than one partial kept: {dirs}"
+    return dirs[0] if dirs else None
+
+
+def check_state(store: Store, kit: Kit, want: State, *, partial_of: Path | None = None) -> None:
+    """``partial_of``: the bundle a streamed install was killed on; its partial may be kept."""
     cur, prev = store.current(), store.previous()
     got = (version_of(store, "current"), version_of(store, "previous"), store.high_water("tiny")[0])
     assert got == want, f"(current, previous, high-water) is {got}, expected {want}"
@@ -250,19 +260,44 @@ def check_state(store: Store, kit: Kit, want: State) -> None:
     for b in (cur, prev):
         if b is not None:
             allowed |= check_bundle(store, kit, b.slot)
+    part = kept_partial(store) if partial_of is not None else None
+    if part is not None:
+        # Only the partial of the download that was killed, and its journal: nothing else grows.
+        assert part.name == f"partial-{file_digest(partial_of).sha256}", part.name  # type: ignore[arg-type]
+        allowed |= {p for p in part.rglob("*")} | {part.with_name(part.name + ".journal.json")}
+        assert {p.name for p in store.staging_dir.iterdir()} <= {part.name, part.name + ".journal.json"}
     files = {p for p in store.state_dir.rglob("*") if p.is_file()}
     assert files <= allowed, f"debris: {sorted(str(p.relative_to(store.state_dir)) for p in files - allowed)}"
-    assert list(store.staging_dir.iterdir()) == []
+    if part is None:
+        assert list(store.staging_dir.iterdir()) == []
     assert {d.name for d in store.slots_dir.iterdir()} == {b.slot for b in (cur, prev) if b}
     assert not store._pointers_get().get("pending")
 
 
-def retry(sc: Scenario, store: Store, kit: Kit) -> None:
-    """Run the interrupted operation again, as an operator (or the rollout) would."""
-    if sc.op in ("install", "stream") and not sc.fail_check:
+def retry(sc: Scenario, store: Store, kit: Kit) -> int:
+    """Run the interrupted operation again, as an operator (or the rollout) would; returns the
+    byte a streamed install's download started at (it resumes from the kept partial)."""
+    if sc.op == "stream":
+        from agent.fetch import open_download
+
+        assert kit.server is not None and sc.version is not None
+        bundle = kit.bundles[sc.version]
+        digest, size = file_digest(bundle).sha256, bundle.stat().st_size
+        starts: list[int] = []
+
+        def open_stream(start: int, prefix: Any) -> Any:
+            starts.append(start)
+            assert kit.server is not None
+            return open_download(kit.server.url_for(bundle.name), sha256=digest, size=size,
+                                 timeout=10.0, start=start, prefix=prefix)
+
+        store.install_download(digest, size, open_stream, load_check=passing_check)
+        return starts[0]
+    if sc.op == "install" and not sc.fail_check:
         store.install(kit.bundles[sc.version or 0], load_check=passing_check)
     elif sc.op == "rollback":
         store.rollback()
+    return 0
 
 
 @dataclass
@@ -271,6 +306,7 @@ class Point:
     n: int
     step: str
     outcome: str = ""
+    resumed_from: int = 0  # a streamed install's retry started its download at this byte
     error: str = ""
     seconds: float = 0.0
 
@@ -309,10 +345,15 @@ def check_restart(sc: Scenario, state: Path, kit: Kit, n: int, cut: int, pt: Poi
     """Open the killed store as a restarted agent would, and check everything that must hold."""
     store = open_store(state, kit)  # the restart: recovery runs here
     want = sc.new if (sc.new is not None and n >= cut) else sc.old
-    check_state(store, kit, want)
+    streamed = kit.bundles[sc.version] if sc.op == "stream" and sc.version else None
+    check_state(store, kit, want, partial_of=streamed)
     pt.outcome = "new" if want is sc.new and sc.new != sc.old else "old"
     if want is sc.old and sc.new is not None:
-        retry(sc, store, kit)
+        part = kept_partial(store) if streamed else None
+        expect = partial_offset(store.staging_dir) if part is not None else 0
+        pt.resumed_from = retry(sc, store, kit)
+        # The retry continues from the last checkpoint the kill left, not from byte 0.
+        assert pt.resumed_from == expect, (pt.resumed_from, expect)
     final = sc.new or sc.old
     store = open_store(state, kit)
     check_state(store, kit, final)
@@ -353,6 +394,11 @@ def test_sigkill_at_every_step_of_install_and_rollback_leaves_old_or_new_whole(t
     assert any(n.startswith("removing unused slot") for n in names)
     # Both outcomes occur in the committing scenarios: the cut is real, not all-old or all-new.
     assert {p.outcome for p in points if p.scenario == "first install"} == {"old", "new"}
+    # A streamed install killed mid-download resumes: from inside a file (the child checkpoints
+    # every MiB) and from a file boundary, at many distinct bytes.
+    resumed = {p.resumed_from for p in points if p.scenario.endswith("over HTTP")}
+    size = kit.bundles[3].stat().st_size
+    assert len(resumed - {0}) >= 5 and max(resumed) > size // 2, sorted(resumed)
 
 
 def test_a_kill_right_after_the_commit_keeps_the_new_high_water_mark(tmp_path, kit):

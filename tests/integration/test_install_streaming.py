@@ -12,18 +12,21 @@ import hashlib
 import os
 import shutil
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from bundlekit import make_manifest
+from bundlekit import make_manifest, partial_offset
 from need import need
 
+from agent._fs import file_digest
 from agent.bundle import Keyring, SigningKey
-from agent.errors import DigestMismatchError, InsufficientResourcesError
+from agent.errors import DigestMismatchError, InstallError, InsufficientResourcesError, UntrustedDataError
 from agent.fetch import fetch
 from agent.installer import Installer
-from agent.protocol import InstallRequest
+from agent.protocol import InstallRequest, error_code
 from agent.resident import ResidentModel
 from agent.store import DISK_MARGIN_BYTES, Store
 from fleet.serve import BundleServer
@@ -195,3 +198,126 @@ def test_a_stream_checks_the_length_and_digest_at_its_end(blob):
         read_all(url, digest, len(data) + 1)  # one byte short
     with BundleServer(folder) as srv, pytest.raises(DigestMismatchError, match="sha256"):
         read_all(srv.url_for("blob.bin"), "1" * 64, len(data))
+
+
+# --- a download that outlives its agent (agent/partial.py) ---------------------------------------
+
+
+def stopped_mid_download(state: Path, keys: Keyring, srv: BundleServer, bundle: Path,
+                         at_least: int, events: list[tuple[str, dict[str, Any]]] | None = None
+                         ) -> tuple[Store, BaseException]:
+    """Install from a server that stalls; once the journal says ``at_least`` bytes are
+    checkpointed, stop the installer as SIGTERM does (bounded: 60 s). Returns the store and the
+    install's error; the stalled response is cut and recorded."""
+    store = Store(state, keys, ram_total=lambda: 1 << 34)
+    stop = threading.Event()
+    sink = events if events is not None else []
+    inst = Installer(store, ResidentModel(), events=lambda _j, st, **d: sink.append((st, d)),
+                     load_check=False, stop=stop, download_timeout=1.0)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            inst.install(request(srv, bundle), "job-1")
+        except BaseException as e:  # the test inspects it
+            errors.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert srv.wait_stalled(60)
+    deadline = time.monotonic() + 60
+    while partial_offset(store.staging_dir) < at_least and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert partial_offset(store.staging_dir) >= at_least
+    stop.set()  # what SIGTERM does: the download is cancelled
+    t.join(30)
+    assert not t.is_alive() and len(errors) == 1
+    srv.release()
+    assert srv.wait_requests(1)
+    return store, errors[0]
+
+
+def test_an_install_stopped_mid_download_keeps_what_it_staged_and_resumes_when_sent_again(
+        served, tmp_path):
+    folder, keys = served
+    bundle = folder / "big.bundle"
+    size = bundle.stat().st_size
+    events: list[tuple[str, dict[str, Any]]] = []
+    with BundleServer(folder, stall_after_bytes=30 * MIB) as srv:
+        store, err = stopped_mid_download(tmp_path / "state", keys, srv, bundle, 24 * MIB, events)
+        assert isinstance(err, InstallError) and error_code(err) == "interrupted"
+        kept = partial_offset(store.staging_dir)
+        assert kept >= 24 * MIB and f"continues from byte {kept}" in err.diagnostics()
+        assert "Serving now: nothing (no model is installed)." in err.diagnostics()
+        assert events[-1][0] == "failed" and events[-1][1]["code"] == "interrupted"
+        # Sent again (a new agent process: a new store and installer on the same state folder).
+        events.clear()
+        store = Store(tmp_path / "state", keys, ram_total=lambda: 1 << 34)
+        inst = Installer(store, ResidentModel(), events=lambda _j, st, **d: events.append((st, d)),
+                         load_check=False)
+        served_before = srv.bytes_served
+        out = inst.install(request(srv, bundle), "job-2")
+        assert srv.requests[-1].range == f"bytes={kept}-"
+        assert srv.bytes_served - served_before == size - kept  # nothing staged comes again
+    assert out["installed"]["version"] == 1
+    resumed = [d for s, d in events if s == "downloading" and "from_byte" in d]
+    assert resumed and resumed[0]["from_byte"] == kept
+    assert list(store.staging_dir.iterdir()) == []
+    for f in store.current().manifest.files:  # type: ignore[union-attr]
+        assert file_digest(store.current().payload_dir / f.path).sha256 == f.sha256  # type: ignore[union-attr]
+
+
+def test_a_kept_partial_that_does_not_add_up_is_dropped_and_the_install_starts_again(served, tmp_path):
+    """Staged bytes changed on disk, or the key revoked since: never installed from the partial."""
+    folder, keys = served
+    bundle = folder / "big.bundle"
+    size = bundle.stat().st_size
+    for damage in ("flip a staged byte", "signer no longer trusted", "journal garbled"):
+        state = tmp_path / damage.replace(" ", "-")
+        with BundleServer(folder, stall_after_bytes=30 * MIB) as srv:
+            store, _err = stopped_mid_download(state, keys, srv, bundle, 16 * MIB)
+            part = next(p for p in store.staging_dir.iterdir() if p.is_dir())
+            trust = keys
+            if damage == "flip a staged byte":
+                with open(part / "payload" / "model.bin", "r+b") as f:
+                    f.seek(MIB)
+                    b = f.read(1)
+                    f.seek(MIB)
+                    f.write(bytes([b[0] ^ 1]))
+            elif damage == "journal garbled":
+                part.with_name(part.name + ".journal.json").write_bytes(b"{not json")
+            else:
+                trust = Keyring([SigningKey.generate("other").public])
+            store = Store(state, trust, ram_total=lambda: 1 << 34)
+            inst = Installer(store, ResidentModel(), events=lambda *_a, **_k: None, load_check=False)
+            served_before = srv.bytes_served
+            if damage == "signer no longer trusted":
+                with pytest.raises(UntrustedDataError):
+                    inst.install(request(srv, bundle), "job-2")
+                assert list(store.staging_dir.iterdir()) == []  # dropped, not kept to retry
+                assert store.current() is None
+                continue
+            out = inst.install(request(srv, bundle), "job-2")
+            assert srv.requests[-1].range is None, damage  # from byte 0
+            assert srv.bytes_served - served_before == size
+            assert out["installed"]["version"] == 1 and list(store.staging_dir.iterdir()) == []
+
+
+def test_only_one_partial_is_kept(served, tmp_path, make_bundle):
+    """Edge disks are small: starting another download drops the partial of an abandoned one."""
+    folder, keys = served
+    bundle = folder / "big.bundle"
+    with BundleServer(folder, stall_after_bytes=30 * MIB) as srv:
+        store, _err = stopped_mid_download(tmp_path / "state", keys, srv, bundle, 16 * MIB)
+    assert len(list(store.staging_dir.iterdir())) == 2  # the partial and its journal
+    other = make_bundle(version=1)
+    shutil.copy(other, folder / "other.bundle")
+    try:
+        # Signed by another key: refused, and the abandoned partial is gone all the same.
+        with BundleServer(folder) as srv, pytest.raises(UntrustedDataError):
+            Installer(Store(tmp_path / "state", keys, ram_total=lambda: 1 << 34), ResidentModel(),
+                      events=lambda *_a, **_k: None, load_check=False).install(
+                request(srv, folder / "other.bundle"), "job-3")
+    finally:
+        (folder / "other.bundle").unlink()
+    assert list(store.staging_dir.iterdir()) == []

@@ -157,6 +157,18 @@ def test_a_timeout_is_retried_under_a_new_job_name_then_fails():
     assert t.state == "timed_out" and r.status == ABORTED
 
 
+def test_an_agent_that_died_mid_install_is_sent_it_again_at_once_not_at_its_timeout():
+    """Back up, the agent says the job was ``interrupted``: retried now (it resumes the download)."""
+    r, first = make(1, waves=Waves.parse("100%"), retries=1, device_timeout=600)
+    a1 = first[0]
+    r.install_event(a1.device, a1.job, "downloading", {"bytes": 1 << 20}, 1.0)
+    again = r.install_event(a1.device, a1.job, "failed",
+                            {"code": "interrupted", "reason": "the agent stopped"}, 5.0)
+    assert [a.job for a in again if isinstance(a, Dispatch)] == [a1.job[:-2] + ".2"]
+    assert r.targets[a1.device].state == "dispatched" and r.status == "running"
+    assert ok(r, again[0], 9.0) is not None and r.targets[a1.device].state == "committed"
+
+
 def test_an_offline_device_waits_for_its_timeout_and_is_not_a_failure():
     devices = [*fleet(3), DeviceInfo("late", "raspberry-pi-5", False, "0" * 64, BASE)]
     r, first = make(devices=devices, waves=Waves.parse("100%"), device_timeout=100,
