@@ -72,7 +72,9 @@ MAX_PAYLOAD_BYTES: Final = 64 << 10  # 64 KiB: a command is small; refuse before
 MAX_PROMPT_CHARS: Final = 32_768
 MAX_KEYRING_CHARS: Final = 48 << 10  # a signed keyring (agent.bundle.trust.MAX_TRUST_BYTES)
 COMMANDS: Final = ("install", "rollback", "status", "probe", "infer", "cancel", "keyring")
-STATES: Final = ("online", "offline", "lost")
+# "revoked": written by the host that removed the device's broker account (`edgepack fleet revoke`),
+# since a broker that drops a client on a reload may send no last will for it.
+STATES: Final = ("online", "offline", "lost", "revoked")
 EVENT_STAGES: Final = (
     "downloading", "verified", "installed", "benchmarked", "committed", "rolled_back", "failed",
 )

@@ -32,7 +32,7 @@ th { color:var(--mute); font-weight:600; } td.num { text-align:right; font-varia
 .muted { color:var(--mute); } .small { font-size:.85em; }
 .badge { display:inline-block; padding:0 .5em; border-radius:3px; font-size:.85em; background:var(--wait); }
 .s-online,.s-committed,.s-finished,.s-done,.s-ok { background:#d7f0e1; color:#17603a; }
-.s-offline,.s-lost,.s-unknown { background:#eceef1; color:#555; }
+.s-offline,.s-lost,.s-revoked,.s-unknown { background:#eceef1; color:#555; }
 .s-aborted,.s-failed,.s-rolled_back,.s-timed_out,.s-bad { background:#f8d9d5; color:#8e2417; }
 .s-running,.s-dispatched,.s-downloading,.s-installed,.s-open { background:#dbe6fb; color:#1d4aa0; }
 .s-paused,.s-soaking { background:#fcefd0; color:#7a5600; }

@@ -126,14 +126,39 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
+def mark_revoked(args: argparse.Namespace) -> str | None:
+    """Set the device's retained ``state`` to ``revoked`` on the broker, as the host. Mosquitto
+    drops a client whose account a reload removed without sending its last will, so its retained
+    state would say ``online`` for good. Returns why it could not, or None."""
+    import time
+
+    from agent.protocol import Topics, state_payload
+    from fleet.client import FleetClient
+
+    try:
+        with FleetClient(args.broker, args.fleet, username=args.username, password=args.password,
+                         ca_file=args.ca_file) as client:
+            client.transport.publish(Topics(args.fleet, args.device).state,
+                                     state_payload("revoked", ts=time.time()), qos=1, retain=True,
+                                     timeout=10.0)
+    except EdgepackError as e:
+        return str(e)
+    return None
+
+
 def cmd_revoke(args: argparse.Namespace) -> int:
     had = revoke(Path(args.passwd), args.device)
     if args.reload_pid:
         reload_broker(Path(args.reload_pid))
+    unmarked = mark_revoked(args) if had else None
     if args.json:
-        dump({"device": args.device, "revoked": had})
+        dump({"device": args.device, "revoked": had, "state_marked": had and unmarked is None})
     else:
         err(f"revoked {args.device}" if had else f"{args.device} was not enrolled")
+    if unmarked:
+        err(f"warning: {args.device}'s retained state was not set to revoked ({unmarked}); the "
+            f"inventory may show it online until then: run again with the host's --broker "
+            f"--username --password")
     return 0 if had else 1
 
 

@@ -34,7 +34,8 @@ class DeviceRecord:
 
     Attributes:
         device, fleet: the ids from the topic.
-        state: ``online``, ``offline`` or ``lost`` (the last will); None if no state was seen.
+        state: ``online``, ``offline``, ``lost`` (the last will) or ``revoked`` (``fleet
+            revoke``); None if no state was seen.
         state_ts: when the device set that state (its clock, epoch seconds); the last will has none.
         agent_version, profile: from the birth message.
         current: summary of the serving bundle (``slot``, ``digest``, ``model``, ``version``,

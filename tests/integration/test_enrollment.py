@@ -110,8 +110,11 @@ def test_an_enrolled_device_connects_confined_and_a_revoked_one_is_refused(
         reply = host.requests.call(DEV, "status", StatusRequest(), timeout=WAIT)
         assert reply.ok and reply.result is not None and reply.result["device"] == DEV
 
-        # Revoked: the broker drops the connected agent and refuses it from then on.
-        ok(EDGEPACK, "fleet", "revoke", DEV, *files)
+        # Revoked: the broker drops the connected agent and refuses it from then on, and the
+        # inventory says so (the broker sends no last will for a client a reload dropped).
+        ok(EDGEPACK, "fleet", "--broker", b.url, "--fleet", FLEET, "--username", "controller",
+           "--password", b.users["controller"], "revoke", DEV, *files)
+        host.wait_for(DEV, "state", lambda m: m["state"] == "revoked", timeout=WAIT)
         agent.wait_log("broker refused connection", timeout=WAIT)
         with pytest.raises(TransportError, match="refused"):
             _connect(b.url, DEV, cfg["password"], "dev-e-after")
