@@ -46,7 +46,7 @@ from agent.errors import BundleFormatError, ManifestError, SignatureError
 CHUNK = 1 << 20  # 1 MiB reads: large enough for hashlib's SHA-NI path, small for memory
 # How often a resumable extraction persists its progress: what a killed agent downloads again at
 # most, against one fsync and one small journal write per step.
-CHECKPOINT_BYTES = 8 << 20
+CHECKPOINT_BYTES = 16 << 20
 _BLOCK = tarfile.BLOCKSIZE
 
 

@@ -244,10 +244,10 @@ def test_an_install_stopped_mid_download_keeps_what_it_staged_and_resumes_when_s
     size = bundle.stat().st_size
     events: list[tuple[str, dict[str, Any]]] = []
     with BundleServer(folder, stall_after_bytes=30 * MIB) as srv:
-        store, err = stopped_mid_download(tmp_path / "state", keys, srv, bundle, 24 * MIB, events)
+        store, err = stopped_mid_download(tmp_path / "state", keys, srv, bundle, 16 * MIB, events)
         assert isinstance(err, InstallError) and error_code(err) == "interrupted"
         kept = partial_offset(store.staging_dir)
-        assert kept >= 24 * MIB and f"continues from byte {kept}" in err.diagnostics()
+        assert kept >= 16 * MIB and f"continues from byte {kept}" in err.diagnostics()
         assert "Serving now: nothing (no model is installed)." in err.diagnostics()
         assert events[-1][0] == "failed" and events[-1][1]["code"] == "interrupted"
         # Sent again (a new agent process: a new store and installer on the same state folder).
