@@ -46,9 +46,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from _agentbench import FLEET, HostClient, end
 from _decode import PROMPT
 from _sample import SampleBundle, sample_bundle, sample_source
-from bench_mqtt import FLEET, HostClient, end
 from machine import median, parse
 
 ROOT = Path(__file__).resolve().parents[1]

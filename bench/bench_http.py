@@ -36,65 +36,25 @@ import http.client
 import json
 import os
 import re
-import secrets
-import selectors
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from _agentbench import RawServer, Rig, end, import_times, mem_of, ok, rss_steps, start_agent
 from _decode import PROMPT
-from _sample import install, sample_bundle
 from machine import median, parse
 
 from agent.sampling import DEFAULTS
 
-AGENT = Path(sys.executable).parent / "edgepack-agent"
 THREADS = 2
 REPEAT_PENALTY = DEFAULTS.repeat_penalty
-FLEET = "bench"
 OPENERS = ["Words", "List", "Index", "Lexicon", "Glossary", "Catalogue", "Register", "Roster",
            "Inventory", "Tally", "Record", "Ledger", "Digest"]
-
-# The raw side: llama-cpp-python with the model resident; one JSON request per stdin line.
-RAW = r"""
-import json, sys, time
-from llama_cpp import Llama
-path, threads, n_ctx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
-print(json.dumps({"ready": True}), flush=True)
-for line in sys.stdin:
-    req = json.loads(line)
-    t0 = time.perf_counter(); first = last = None; count = 0; text = []
-    for chunk in llm.create_completion(req["prompt"], max_tokens=req["n"], temperature=0.0,
-                                       repeat_penalty=req["repeat_penalty"], top_k=req["top_k"],
-                                       top_p=req["top_p"], min_p=0.0, stream=True):
-        now = time.perf_counter()
-        piece = chunk["choices"][0]["text"]
-        if not piece:
-            continue
-        if first is None:
-            first = now
-        last = now; count += 1; text.append(piece)
-    print(json.dumps({"tokens": count, "ttft_ms": (first - t0) * 1000,
-                      "decode_tok_s": (count - 1) / (last - first) if count > 1 else 0.0,
-                      "text": "".join(text)}), flush=True)
-"""
-
-RSS_STEPS = r"""
-import importlib, json, sys, psutil
-p = psutil.Process(); out = []
-for m in sys.argv[1:]:
-    importlib.import_module(m); out.append((m, p.memory_info().rss))
-print(json.dumps(out))
-"""
 
 
 # --- processes ------------------------------------------------------------------------------------
@@ -104,41 +64,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def end(proc: subprocess.Popen[Any] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-
-
-def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
-    assert proc.stdout is not None
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    try:
-        if not sel.select(timeout):
-            raise TimeoutError(f"no output from child within {timeout}s")
-        line = proc.stdout.readline()
-    finally:
-        sel.close()
-    if not line:
-        raise RuntimeError(f"child exited (rc={proc.poll()})")
-    return line
-
-
-def start_agent(state: Path, ring: Path, broker_url: str, device: str, *extra: str) -> subprocess.Popen[bytes]:
-    log = state.parent / f"{device}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
-        return subprocess.Popen([str(AGENT), "-v", "--state-dir", str(state), "--keyring", str(ring), "run",
-                                 "--broker", broker_url, "--device", device, "--fleet", FLEET, *extra],
-                                stdout=out, stderr=subprocess.STDOUT)
 
 
 def wait_http(port: int, timeout: float, proc: subprocess.Popen[Any] | None = None,
@@ -158,68 +83,6 @@ def wait_http(port: int, timeout: float, proc: subprocess.Popen[Any] | None = No
                 conn.close()
         time.sleep(0.005)
     raise TimeoutError(f"nothing answered on port {port} within {timeout}s")
-
-
-def mem_of(pid: int) -> tuple[float, float]:
-    import psutil
-
-    mi = psutil.Process(pid).memory_full_info()
-    return mi.rss / 2**20, mi.uss / 2**20
-
-
-class RawServer:
-    def __init__(self, model: Path, n_ctx: int) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", RAW, str(model), str(THREADS), str(n_ctx)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        json.loads(read_line(self.proc, 120))
-
-    def run(self, prompt: str, n: int) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"prompt": prompt, "n": n, "repeat_penalty": REPEAT_PENALTY,
-                                          "top_k": DEFAULTS.top_k, "top_p": DEFAULTS.top_p}) + "\n")
-        self.proc.stdin.flush()
-        return json.loads(read_line(self.proc, 300))
-
-
-class HostClient:
-    """A host MQTT session that notes when each device's retained ``state`` arrived and counts
-    its health messages."""
-
-    def __init__(self, broker_url: str) -> None:
-        from agent.protocol import fleet_filter
-        from agent.transport.mqtt import MqttTransport
-
-        self.seen: dict[tuple[str, str], float] = {}
-        self.health: dict[str, int] = {}
-        self.cond = threading.Condition()
-        self.t = MqttTransport(broker_url, f"host-{secrets.token_hex(4)}", session_expiry=0)
-        self.t.subscribe(fleet_filter(FLEET, "state"), handler=self._on_state)
-        self.t.subscribe(fleet_filter(FLEET, "health"), handler=self._on_health)
-        self.t.start()
-        self.t.wait_connected(10)
-        time.sleep(0.3)  # SUBACKs in
-
-    def _on_state(self, msg: Any) -> None:
-        now = time.perf_counter()
-        if msg.payload:
-            with self.cond:
-                self.seen.setdefault((msg.topic.split("/")[3], json.loads(msg.payload)["state"]), now)
-                self.cond.notify_all()
-
-    def _on_health(self, msg: Any) -> None:
-        if msg.payload:
-            with self.cond:
-                dev = msg.topic.split("/")[3]
-                self.health[dev] = self.health.get(dev, 0) + 1
-                self.cond.notify_all()
-
-    def wait(self, pred: Any, timeout: float) -> None:
-        with self.cond:
-            if not self.cond.wait_for(pred, timeout):
-                raise TimeoutError("condition not met in time")
-
-    def close(self) -> None:
-        self.t.stop()
 
 
 # --- 1 + 2: streamed completions --------------------------------------------------------------------
@@ -313,21 +176,12 @@ def import_ms(reps: int = 5) -> float:
     """Median cumulative ``-X importtime`` of ``agent.http_api`` once ``agent.daemon`` is in (ms):
     what ``--http`` adds to the start-up imports."""
     def once() -> float:
-        r = subprocess.run([sys.executable, "-X", "importtime", "-c",
-                            "import agent.daemon; import agent.http_api"],
-                           capture_output=True, text=True, check=True, timeout=60)
-        m = re.search(r"^import time:\s+\d+ \|\s+(\d+) \| agent\.http_api$", r.stderr, re.M)
-        if m is None:
-            raise RuntimeError("agent.http_api missing from -X importtime")
-        return int(m.group(1)) / 1000
+        for mod, depth, ms in import_times("import agent.daemon; import agent.http_api"):
+            if mod == "agent.http_api" and depth == 0:
+                return ms
+        raise RuntimeError("agent.http_api missing from -X importtime")
 
     return median([once() for _ in range(reps)])
-
-
-def rss_steps(mods: list[str]) -> list[tuple[str, float]]:
-    r = subprocess.run([sys.executable, "-c", RSS_STEPS, *mods], capture_output=True, text=True,
-                       check=True, timeout=120)
-    return [(n, b / 2**20) for n, b in json.loads(r.stdout)]
 
 
 # --- main ---------------------------------------------------------------------------------------------
@@ -342,32 +196,20 @@ def main(argv: list[str] | None = None) -> int:
     args, results = parse(ap, argv, smoke={"runs": 1, "tokens": 8, "starts": 1})
     runs = max(1, min(args.runs, len(OPENERS) - 1))
 
-    from fleet.broker import Broker
     from packager.cache import default_cache_dir
 
     os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
-    work = Path(tempfile.mkdtemp(prefix="edgepack-bench-http-"))
-    broker: Broker | None = None
-    host: HostClient | None = None
-    children: list[subprocess.Popen[Any]] = []
+    rig = Rig.start("edgepack-bench-http-")
+    host, children = rig.host, rig.children
     try:
-        bundle = sample_bundle(work)
-        ring = bundle.keyring
-        state = work / "agent" / "state"
-        installed = install(bundle, state)
-        model = installed.entrypoint
-        n_ctx = int(installed.manifest.generation.get("context", 2048))
-        broker = Broker(work / "broker").start()
-        host = HostClient(broker.url)
-
         # --- 1 + 2 ----------------------------------------------------------------------------
         print("inference: agent, raw llama-cpp-python, llama.cpp server", flush=True)
         http_port = free_port()
-        agent = start_agent(state, ring, broker.url, "dev-http", "--threads", str(THREADS),
+        agent = start_agent(rig.state, rig.ring, rig.broker.url, "dev-http", "--threads", str(THREADS),
                             "--health-interval", "10", "--http", f"127.0.0.1:{http_port}")
         children.append(agent)
         wait_http(http_port, 60, agent)
-        raw = RawServer(model, n_ctx)
+        raw = RawServer(rig.model, rig.n_ctx, THREADS)
         children.append(raw.proc)
         sides: list[tuple[str, Any]] = [
             ("raw", raw.run), ("ours", lambda p, n: sse_completion(http_port, p, n, usage=True))]
@@ -377,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             deps, llama_note = server_env(default_cache_dir())
             if deps is not None:
                 llama_port = free_port()
-                llama_proc = start_llama_server(deps, model, n_ctx, llama_port, work / "llama-server.log")
+                llama_proc = start_llama_server(deps, rig.model, rig.n_ctx, llama_port, rig.work / "llama-server.log")
                 children.append(llama_proc)
                 wait_http(llama_port, 120, llama_proc, "/v1/models")
                 sides.append(("llama_server", lambda p, n: sse_completion(llama_port, p, n, usage=False)))
@@ -405,26 +247,26 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.starts):
             for side in (["plain", "http"] if i % 2 == 0 else ["http", "plain"]):
                 dev = f"{side}-s{i}"
-                d = work / f"idle-{dev}"
+                d = rig.work / f"idle-{dev}"
                 extra = ["--health-interval", "1"]
                 port = free_port()
                 if side == "http":
                     extra += ["--http", f"127.0.0.1:{port}"]
                 t0 = time.perf_counter()
-                proc = start_agent(d / "state", ring, broker.url, dev, *extra)
+                proc = start_agent(d / "state", rig.ring, rig.broker.url, dev, *extra)
                 children.append(proc)
                 row: dict[str, Any] = {"device": dev}
                 if side == "http":
                     row["start_to_http_s"] = wait_http(port, 30, proc) - t0
                 host.wait(lambda dev=dev: (dev, "online") in host.seen, 30)
                 row["start_to_online_s"] = host.seen[(dev, "online")] - t0
-                host.wait(lambda dev=dev: host.health.get(dev, 0) >= 3, 30)
+                host.wait(lambda dev=dev: len(host.health.get(dev, [])) >= 3, 30)
                 row["rss_mb"], row["uss_mb"] = mem_of(proc.pid)
                 end(proc)
                 starts[side].append(row)
                 print(f"  {dev}: online after {row['start_to_online_s'] * 1000:.0f} ms, "
                       f"RSS {row['rss_mb']:.1f} MiB", flush=True)
-        steps = rss_steps(["agent.daemon", "agent.http_api"])
+        _, steps = rss_steps(["agent.daemon", "agent.http_api"])
         imp = import_ms()
 
         # --- results ------------------------------------------------------------------------------
@@ -465,29 +307,19 @@ def main(argv: list[str] | None = None) -> int:
         overhead = inference["ours"]["ttft_overhead_ms_median_of_pairs"]
         met = {"decode_ratio_ge_0.97": ratio >= 0.97, "ttft_overhead_le_10ms": overhead <= 10.0}
         result = {"benchmark": "http_agent_vs_raw", "model": "gemma-3-270m Q4_K_M (sample)",
-                  "threads": THREADS, "max_tokens": args.tokens, "n_ctx": n_ctx,
+                  "threads": THREADS, "max_tokens": args.tokens, "n_ctx": rig.n_ctx,
                   "repeat_penalty": REPEAT_PENALTY, "runs": runs, "inference": inference,
                   "idle": idle, "targets": {"decode_ratio": ">= 0.97", "ttft_overhead_ms": "<= 10"},
                   "met": met}
         results.write("http", result, markdown(result, args))
     finally:
-        if host is not None:
-            with contextlib.suppress(Exception):
-                host.close()
-        for child in children:
-            end(child)
-        if broker is not None:
-            broker.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        rig.close()
     return 0
 
 
 def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
     inf, idle = result["inference"], result["idle"]
     ours, raw = inf["ours"], inf["raw"]
-
-    def ok(flag: bool) -> str:
-        return "met" if flag else "**missed**"
 
     md = [
         "# The agent's OpenAI-compatible HTTP API vs raw llama-cpp-python and llama.cpp's server\n",

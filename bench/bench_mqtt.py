@@ -25,32 +25,33 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import re
 import secrets
-import selectors
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
-from _sample import install, sample_bundle
+from _agentbench import (
+    FLEET,
+    RawServer,
+    Rig,
+    end,
+    import_times,
+    mem_of,
+    ok,
+    read_line,
+    rss_steps,
+    start_agent,
+)
 from machine import median, parse
 
 from agent.sampling import DEFAULTS
 
-ROOT = Path(__file__).resolve().parent.parent
-AGENT = Path(sys.executable).parent / "edgepack-agent"
 THREADS = 2
 REPEAT_PENALTY = DEFAULTS.repeat_penalty
-FLEET = "bench"
 WARMUP_CALLS = 20  # round trips per side before timing
 BASE_PROMPT = ("Write a short story about a lighthouse keeper who finds a message in a bottle. "
                "Once upon a time")
@@ -58,30 +59,6 @@ BASE_PROMPT = ("Write a short story about a lighthouse keeper who finds a messag
 # cannot skip the prompt evaluation, so TTFT includes it every time.
 OPENERS = ["Story", "Tale", "Fable", "Legend", "Chapter", "Episode", "Draft", "Sketch", "Scene",
            "Account", "Memoir", "Yarn"]
-
-# The raw side: llama-cpp-python with the model resident; one JSON request per stdin line.
-RAW = r"""
-import json, sys, time
-from llama_cpp import Llama
-path, threads, n_ctx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
-print(json.dumps({"ready": True}), flush=True)
-for line in sys.stdin:
-    req = json.loads(line)
-    t0 = time.perf_counter(); first = last = None; count = 0; text = []
-    for chunk in llm.create_completion(req["prompt"], max_tokens=req["n"], temperature=0.0,
-                                       repeat_penalty=req["repeat_penalty"], stream=True):
-        now = time.perf_counter()
-        piece = chunk["choices"][0]["text"]
-        if not piece:
-            continue
-        if first is None:
-            first = now
-        last = now; count += 1; text.append(piece)
-    print(json.dumps({"chunks": count, "ttft_ms": (first - t0) * 1000,
-                      "decode_tok_s": (count - 1) / (last - first) if count > 1 else 0.0,
-                      "text": "".join(text)}), flush=True)
-"""
 
 # The bare paho responder: echoes each request to its Response Topic with its Correlation Data.
 RESPONDER = r"""
@@ -129,15 +106,10 @@ c.connect(host, port)
 c.loop_forever()
 """
 
-RSS_STEPS = r"""
-import importlib, json, psutil, sys
-p = psutil.Process()
-out = [["python + psutil", p.memory_info().rss]]
-for mod in sys.argv[1:]:
-    importlib.import_module(mod)
-    out.append(["+ " + mod, p.memory_info().rss])
-print(json.dumps(out))
-"""
+# What the idle footprint is made of, import by import (bench/_agentbench.py rss_steps).
+RSS_MODULES = ["paho.mqtt.client", "cryptography.hazmat.primitives.asymmetric.ed25519", "agent.protocol",
+               "agent.transport.mqtt", "agent.bundle", "agent.profiles", "agent.store", "agent.cli",
+               "agent.daemon", "agent.probe"]
 
 
 def cpu_s(p: Any) -> float:
@@ -155,107 +127,14 @@ def pct(xs: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
-    """One stdout line of a child, bounded in time."""
-    assert proc.stdout is not None
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    try:
-        if not sel.select(timeout):
-            raise TimeoutError(f"no output from child within {timeout}s")
-        line = proc.stdout.readline()
-    finally:
-        sel.close()
-    if not line:
-        raise RuntimeError(f"child exited (rc={proc.poll()})")
-    return line
-
-
-def end(proc: subprocess.Popen[Any] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-
-
-# --- the two ends: agent processes and the host session -----------------------------------------
-
-
-def start_agent(state: Path, ring: Path, broker_url: str, device: str, *extra: str) -> subprocess.Popen[bytes]:
-    """``edgepack-agent run`` as its own process (stopped with :func:`end`), logging next to its
-    state folder."""
-    log = state.parent / f"{device}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
-        return subprocess.Popen([str(AGENT), "-v", "--state-dir", str(state), "--keyring", str(ring), "run",
-                                 "--broker", broker_url, "--device", device, "--fleet", FLEET, *extra],
-                                stdout=out, stderr=subprocess.STDOUT)
-
-
-class HostClient:
-    """The host's one MQTT session: when each device's retained ``state`` arrived, its health
-    messages, and commands out through ``requests``."""
-
-    def __init__(self, broker_url: str) -> None:
-        from agent.protocol import fleet_filter
-        from agent.transport.mqtt import MqttTransport
-        from agent.transport.request import RequestClient
-
-        self.seen: dict[tuple[str, str], float] = {}
-        self.health: dict[str, list[dict[str, Any]]] = {}
-        self.cond = threading.Condition()
-        self.t = MqttTransport(broker_url, f"host-{secrets.token_hex(4)}", session_expiry=0)
-        self.t.subscribe(fleet_filter(FLEET, "state"), handler=self._on_state)
-        self.t.subscribe(fleet_filter(FLEET, "health"), handler=self._on_health)
-        self.requests = RequestClient(self.t, FLEET)
-        self.t.start()
-        self.t.wait_connected(10)
-        time.sleep(0.3)  # SUBACKs in
-
-    def _on_state(self, msg: Any) -> None:
-        now = time.perf_counter()
-        if not msg.payload:
-            return
-        state = json.loads(msg.payload).get("state")
-        with self.cond:
-            self.seen.setdefault((msg.topic.split("/")[3], state), now)
-            self.cond.notify_all()
-
-    def _on_health(self, msg: Any) -> None:
-        if not msg.payload:
-            return
-        with self.cond:
-            self.health.setdefault(msg.topic.split("/")[3], []).append(json.loads(msg.payload))
-            self.cond.notify_all()
-
-    def wait(self, pred: Any, timeout: float) -> None:
-        with self.cond:
-            if not self.cond.wait_for(pred, timeout):
-                raise TimeoutError("condition not met in time")
-
-    def close(self) -> None:
-        self.t.stop()
-
-
 # --- 1 + 2: streamed inference --------------------------------------------------------------------
 
 
-class RawServer:
-    def __init__(self, model: Path, n_ctx: int) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", RAW, str(model), str(THREADS), str(n_ctx)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        json.loads(read_line(self.proc, 120))
-
-    def run(self, prompt: str, n: int) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"prompt": prompt, "n": n, "repeat_penalty": REPEAT_PENALTY})
-                              + "\n")
-        self.proc.stdin.flush()
-        return json.loads(read_line(self.proc, 300))
+def run_raw(raw: RawServer, prompt: str, n: int) -> dict[str, Any]:
+    r = raw.run(prompt, n)
+    # mqtt.json names the raw count "chunks", as for the agent's side (one chunk per token here).
+    r["chunks"] = r.pop("tokens")
+    return r
 
 
 def run_ours(requests: Any, device: str, prompt: str, n: int) -> dict[str, Any]:
@@ -341,41 +220,18 @@ class BareRequester:
 # --- 4: footprint and start-up -------------------------------------------------------------------
 
 
-def mem_of(pid: int) -> tuple[float, float]:
-    """(RSS, USS) in MiB: USS is the memory private to the process (no shared library pages)."""
-    import psutil
-
-    mi = psutil.Process(pid).memory_full_info()
-    return mi.rss / 2**20, mi.uss / 2**20
-
-
 def import_profile(stmt: str, top: int = 15) -> tuple[float, list[tuple[str, int, float]]]:
     """Total import time (ms) and the heaviest imports at any depth: (module, depth, cumulative ms).
 
     Cumulative times nest (a parent includes its children)."""
-    r = subprocess.run([sys.executable, "-X", "importtime", "-c", stmt], capture_output=True,
-                       text=True, check=True, cwd=ROOT, timeout=120)
-    rows = []
-    total = 0.0
-    for line in r.stderr.splitlines():
-        m = re.match(r"import time:\s+(\d+)\s+\|\s+(\d+)\s+\|( *)(\S+)", line)
-        if not m:
-            continue
-        depth = (len(m.group(3)) - 1) // 2
-        ms = int(m.group(2)) / 1000
-        if depth == 0:
-            total += ms
-        rows.append((m.group(4), depth, ms))
+    rows = import_times(stmt)
+    total = sum(ms for _, depth, ms in rows if depth == 0)
     return total, sorted(rows, key=lambda x: -x[2])[:top]
 
 
-def rss_steps() -> list[tuple[str, float]]:
-    mods = ["paho.mqtt.client", "cryptography.hazmat.primitives.asymmetric.ed25519", "agent.protocol",
-            "agent.transport.mqtt", "agent.bundle", "agent.profiles", "agent.store", "agent.cli",
-            "agent.daemon", "agent.probe"]
-    r = subprocess.run([sys.executable, "-c", RSS_STEPS, *mods], capture_output=True, text=True,
-                       check=True, cwd=ROOT, timeout=120)
-    return [(n, b / 2**20) for n, b in json.loads(r.stdout)]
+def rss_by_step() -> list[tuple[str, float]]:
+    base, steps = rss_steps(RSS_MODULES)
+    return [("python + psutil", base), *[(f"+ {mod}", mb) for mod, mb in steps]]
 
 
 def python_startup_ms(n: int = 5) -> float:
@@ -400,33 +256,22 @@ def main(argv: list[str] | None = None) -> int:
     runs = max(1, min(args.runs, len(OPENERS) - 1))
 
     from agent.protocol import StatusRequest, Topics
-    from fleet.broker import HOST, Broker
+    from fleet.broker import HOST
 
     os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
-    work = Path(tempfile.mkdtemp(prefix="edgepack-bench-mqtt-"))
-    broker: Broker | None = None
-    host: HostClient | None = None
+    rig = Rig.start("edgepack-bench-mqtt-")
+    broker, host, children = rig.broker, rig.host, rig.children
+    port, n_ctx = broker.port, rig.n_ctx
+    requests, seen, health = host.requests, host.seen, host.health
     bare: BareRequester | None = None
-    children: list[subprocess.Popen[Any]] = []  # every process started here; all ended at the end
     try:
-        bundle = sample_bundle(work)
-        ring = bundle.keyring
-        state = work / "agent" / "state"
-        installed = install(bundle, state)
-        model = installed.entrypoint  # state/slots/<digest>/payload/model.gguf: what the agent loads
-        n_ctx = int(installed.manifest.generation.get("context", 2048))
-        broker = Broker(work / "broker").start()
-        port = broker.port
-        host = HostClient(broker.url)
-        requests, seen, health = host.requests, host.seen, host.health
-
         # --- 1 + 2 ----------------------------------------------------------------------------
         print("inference: starting agent and raw server", flush=True)
-        agent = start_agent(state, ring, broker.url, "dev-infer",
+        agent = start_agent(rig.state, rig.ring, broker.url, "dev-infer",
                             "--threads", str(THREADS), "--health-interval", "10")
         children.append(agent)
         host.wait(lambda: ("dev-infer", "online") in seen, 30)
-        raw = RawServer(model, n_ctx)
+        raw = RawServer(rig.model, n_ctx, THREADS)
         children.append(raw.proc)
         # Warm-up: the agent loads its model lazily on the first request; both warm their caches.
         run_ours(requests, "dev-infer", f"{OPENERS[-1]}: {BASE_PROMPT}", 16)
@@ -441,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         raw_inf: list[dict[str, Any]] = []
         for i in range(runs):
             prompt = f"{OPENERS[i]}: {BASE_PROMPT}"
-            pair = [("raw", raw.run), ("ours", lambda p, n: run_ours(requests, "dev-infer", p, n))]
+            pair = [("raw", lambda p, n: run_raw(raw, p, n)),
+                    ("ours", lambda p, n: run_ours(requests, "dev-infer", p, n))]
             if i % 2:
                 pair.reverse()
             for side, fn in pair:
@@ -496,10 +342,10 @@ def main(argv: list[str] | None = None) -> int:
             for side in (["bare", "ours"] if i % 2 == 0 else ["ours", "bare"]):
                 dev = f"{side}-s{i}"
                 if side == "ours":
-                    d = work / f"idle{i}"
+                    d = rig.work / f"idle{i}"
                     d.mkdir()
                     t0 = time.perf_counter()
-                    proc = start_agent(d / "state", ring, broker.url, dev, "--health-interval", "1")
+                    proc = start_agent(d / "state", rig.ring, broker.url, dev, "--health-interval", "1")
                 else:
                     t0 = time.perf_counter()
                     proc = subprocess.Popen([sys.executable, "-c", BARE_AGENT, HOST, str(port),
@@ -521,13 +367,12 @@ def main(argv: list[str] | None = None) -> int:
                     bare_starts.append(row)
                 print(f"  {dev}: online after {online_s * 1000:.0f} ms, "
                       f"RSS {row['rss_mb_psutil']:.1f} MB", flush=True)
-        host.close()
-        host = None
+        host.close()  # before the import figures; Rig.close closing it again does nothing
 
         imp_total, imp_top = import_profile(
             "import agent.cli, agent.daemon, agent.probe, agent.profiles, psutil")
         imp_daemon, _ = import_profile("import agent.daemon")
-        steps = rss_steps()
+        steps = rss_by_step()
         py_ms = python_startup_ms()
 
         # --- results ------------------------------------------------------------------------------
@@ -592,9 +437,6 @@ def main(argv: list[str] | None = None) -> int:
                         "idle_rss_mb": "<= 35", "start_to_online_s": "<= 0.5"},
             "met": targets,
         }
-
-        def ok(flag: bool) -> str:
-            return "met" if flag else "**missed**"
 
         md = [
             "# The agent over MQTT vs raw baselines (mosquitto on loopback)\n",
@@ -682,15 +524,10 @@ def main(argv: list[str] | None = None) -> int:
         results.write("mqtt", result, text)
         print(text)
     finally:
-        for closer in (bare, host):
-            if closer is not None:
-                with contextlib.suppress(Exception):
-                    closer.close()
-        for child in children:
-            end(child)
-        if broker is not None:
-            broker.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        if bare is not None:
+            with contextlib.suppress(Exception):
+                bare.close()
+        rig.close()
     return 0
 
 
