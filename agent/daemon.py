@@ -368,13 +368,15 @@ class Agent:
     def _tell_interrupted(self) -> None:
         # An install the previous process died in never replies: say so once, so a rollout sends
         # it again now (and it resumes what was staged) instead of waiting for its timeout.
+        told = []
         for job, command in self.journal.interrupted:
             if command == "install":
                 self._event(job, "failed", code="interrupted", rolled_back=False,
                             serving=self.store.serving(),
                             reason="the agent stopped during this install (a crash, a power cut "
                                    "or a kill); sent again, it continues from what it staged")
-        self.journal.interrupted = []
+            told.append(job)
+        self.journal.told(told)
 
     def _event(self, job: str, stage: str, **detail: Any) -> None:
         try:

@@ -43,14 +43,16 @@ class JobJournal:
         self._lock = threading.Lock()
         self._jobs: dict[str, dict[str, Any]] = self._read()
         interrupted = [j for j, e in self._jobs.items() if e.get("state") == "running"]
-        # (job, command) of the jobs a death of the previous process interrupted.
-        self.interrupted: list[tuple[str, str]] = [
-            (j, str(self._jobs[j].get("command", "?"))) for j in interrupted]
         for j in interrupted:
             self._jobs[j]["state"] = "interrupted"
         if interrupted:
             log.warning("jobs interrupted by a restart: %s", ", ".join(interrupted))
             self._write()
+        # (job, command) of interrupted jobs the host was not told of yet (a process may die
+        # again before it reaches the broker: those are told by the next one).
+        self.interrupted: list[tuple[str, str]] = [
+            (j, str(e.get("command", "?"))) for j, e in self._jobs.items()
+            if e.get("state") == "interrupted" and not e.get("told")]
 
     def _read(self) -> dict[str, dict[str, Any]]:
         try:
@@ -83,6 +85,16 @@ class JobJournal:
             return None
         reply = entry.get("reply")
         return reply if isinstance(reply, dict) else None
+
+    def told(self, jobs: list[str]) -> None:
+        """The host was told these interrupted jobs ended: not again on the next start."""
+        with self._lock:
+            for j in jobs:
+                if j in self._jobs:
+                    self._jobs[j]["told"] = True
+            self.interrupted = [(j, c) for j, c in self.interrupted if j not in jobs]
+            if jobs:
+                self._write()
 
     def start(self, job: str, command: str, ts: float) -> None:
         with self._lock:
