@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from agentkit import AGENT, AgentProcess, Host
-from fleetkit import EDGEPACK, ControllerThread
+from fleetkit import EDGEPACK, ControllerProcess, ControllerThread
 
 from agent.bundle import SigningKey
 from agent.bundle.trust import keyring_bytes, sign_keyring, verify_keyring_update
@@ -119,4 +119,45 @@ def test_the_controller_pushes_v2_to_the_fleet_and_a_device_that_was_down_gets_i
     finally:
         for a in agents.values():
             a.stop()
+        host.close()
+
+
+def test_a_controller_killed_before_a_device_returns_pushes_the_keyring_after_its_restart(
+        tmp_path: Path, broker) -> None:
+    """The desired keyring and each device's outcome are in the database, not in the process:
+    a SIGKILLed controller's successor sends v2 to the device that was down."""
+    keys, db = tmp_path / "keys", tmp_path / "fleet.db"
+    for name in ("rel1", "rel2"):
+        ok(EDGEPACK, "keys", "generate", "--name", name, "-o", keys)
+    ok(EDGEPACK, "keys", "generate", "--root", "--name", "root", "-o", keys,
+       "--release", keys / "rel1.pub.json")
+    v1, v2 = keys / "keyring.signed.json", tmp_path / "keyring.v2.json"
+    ok(EDGEPACK, "keys", "rotate", "--keyring", v1, "--root-key", keys / "root.key",
+       "--add", keys / "rel2.pub.json", "-o", v2)
+    state = tmp_path / "kr-c" / "state"
+    ok(AGENT, "--state-dir", state, "keyring", "update", v1, "--init")
+    agent = AgentProcess(state, keys / "rel1.pub.json", broker.url, device="kr-c", fleet=FLEET)
+    host = Host(broker.url, FLEET)
+    controller = ControllerProcess(db, broker.url, FLEET, keys / "rel1.pub.json")
+    try:
+        agent.start()
+        host.wait_for("kr-c", "birth", lambda m: (m.get("keyring") or {}).get("version") == 1,
+                      timeout=WAIT)
+        agent.stop()
+        host.wait_for("kr-c", "state", lambda m: m["state"] == "offline", timeout=WAIT)
+        controller.start()
+        ok(EDGEPACK, "fleet", "keyring", "push", "--db", db, "--fleet", FLEET, v2, "--keyring", v1)
+        wait_outcome(db, "kr-c", "offline")
+        controller.kill()  # SIGKILL: nothing of its memory survives
+        controller = ControllerProcess(db, broker.url, FLEET, keys / "rel1.pub.json")
+        controller.start()
+        agent.start()
+        host.wait_for("kr-c", "birth", lambda m: (m.get("keyring") or {}).get("version") == 2,
+                      timeout=WAIT)
+        doc = wait_outcome(db, "kr-c", "updated")
+        assert doc["devices"]["kr-c"]["attempts"] == 1
+        assert (state / "trust.json").read_bytes() == v2.read_bytes()
+    finally:
+        controller.stop()
+        agent.stop()
         host.close()
