@@ -439,6 +439,7 @@ class Agent:
                 "model_loaded": self.model.slot, "busy": self.serving.busy,
                 "queue": self.serving.depth, "last_usage": self.serving.last_usage,
                 "last_install": self.installer.last_install, "last_gate": self.installer.last_gate,
+                "partial_install": self.store.kept_partial(),
                 "counters": self.counters.snapshot(), "keyring": self._keyring_summary(),
                 "current_signer_revoked": bool(cur) and self._signer_revoked(
                     cur.manifest.signer_key_id if cur else None)}

@@ -202,6 +202,21 @@ def newest(staging_dir: Path) -> str | None:
     return max(journals, key=lambda j: j.stat().st_mtime_ns).name[: -len(JOURNAL_SUFFIX)]
 
 
+def describe(staging_dir: Path) -> dict[str, Any] | None:
+    """What the newest kept partial says of itself (its journal, unchecked; for ``status``):
+    ``{"sha256", "size", "resumes_at_byte"}``, or None."""
+    name = newest(staging_dir)
+    if name is None:
+        return None
+    try:
+        doc = json.loads(read_capped(staging_dir / (name + JOURNAL_SUFFIX), MAX_JOURNAL_BYTES,
+                                     StoreError, "a partial's journal"))
+        at = sum(len(base64.b64decode(s["head"])) + int(s["staged"]) for s in doc["segments"])
+        return {"sha256": str(doc["sha256"]), "size": int(doc["size"]), "resumes_at_byte": at}
+    except (OSError, ValueError, KeyError, TypeError, EdgepackError):
+        return None  # replaced or removed while read: the next status says
+
+
 def keeps(e: BaseException) -> bool:
     """Whether an install that failed with ``e`` keeps its partial to resume: the network gave up
     or the agent is stopping; not for a refusal, a digest, a full disk or a server that cannot
@@ -215,4 +230,4 @@ def keeps(e: BaseException) -> bool:
     return not isinstance(e, Exception)  # KeyboardInterrupt, SystemExit
 
 
-__all__ = ["Partial", "create", "keeps", "load", "newest", "sweep"]
+__all__ = ["Partial", "create", "describe", "keeps", "load", "newest", "sweep"]

@@ -281,6 +281,11 @@ class Store:
             return None, None
         return int(v["version"]), str(v["digest"])
 
+    def kept_partial(self) -> dict[str, Any] | None:
+        """The streamed install kept to resume (agent/partial.py): ``{"sha256", "size",
+        "resumes_at_byte"}``, or None."""
+        return partial.describe(self.staging_dir)
+
     def serving(self) -> str:
         """A human phrase for what serves now: ``"gemma v2 (slot ab12...)"`` or ``"nothing ..."``."""
         try:

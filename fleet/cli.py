@@ -152,6 +152,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"last run:  {usage.get('decode_tok_s', 0):.1f} tok/s, TTFT {usage.get('ttft_ms', 0):.0f} ms")
     if res.get("last_install"):
         print(f"install:   {json.dumps(res['last_install'], sort_keys=True)}")
+    part = res.get("partial_install")
+    if isinstance(part, dict):
+        at, size = int(part.get("resumes_at_byte") or 0), int(part.get("size") or 0)
+        print(f"partial:   {str(part.get('sha256'))[:16]}… {at / 2**20:.0f} of {size / 2**20:.0f} MiB "
+              "staged (the install sent again continues there)")
     sys.stdout.flush()
     return 0
 

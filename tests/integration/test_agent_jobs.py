@@ -147,6 +147,9 @@ def test_an_agent_killed_mid_download_says_so_when_back_and_resumes_the_install_
             told = host.wait_for(DEV, "events", lambda m: m["job"] == "ro-9.dev-j.1", timeout=30)
             assert told["stage"] == "failed" and told["code"] == "interrupted"
             assert "nothing" in told["serving"]
+            status = host.requests.call(DEV, "status", StatusRequest(), timeout=15).result
+            assert status["partial_install"] == {"sha256": file_digest(bundle).sha256, "size": size,
+                                                 "resumes_at_byte": kept}
             before = server.bytes_served
             again = host.requests.call(DEV, "install", _req(server, bundle, "ro-9.dev-j.2"),
                                        timeout=240)
@@ -158,5 +161,7 @@ def test_an_agent_killed_mid_download_says_so_when_back_and_resumes_the_install_
                        if e["job"] == "ro-9.dev-j.2" and e["stage"] == "downloading" and "from_byte" in e]
             assert resumed and resumed[0]["from_byte"] == kept
             assert list(staging.iterdir()) == []
+            status = host.requests.call(DEV, "status", StatusRequest(), timeout=15).result
+            assert status["partial_install"] is None
         finally:
             agent.stop()
