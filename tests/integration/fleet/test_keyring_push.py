@@ -54,8 +54,9 @@ def wait_outcome(db: Path, device: str, outcome: str, timeout: float = WAIT) -> 
     raise AssertionError(f"{device} not {outcome!r} within {timeout}s: {doc}")
 
 
-def test_the_controller_pushes_v2_to_the_fleet_and_a_device_that_was_down_gets_it_on_return(
-        tmp_path: Path, broker) -> None:
+def keyrings(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
+    """With the real CLI: release keys rel1 and rel2, a root whose v1 keyring trusts rel1, and v2
+    (rotated by the root) that adds rel2. Returns (keys folder, fleet db path, v1, v2)."""
     keys, db = tmp_path / "keys", tmp_path / "fleet.db"
     for name in ("rel1", "rel2"):
         ok(EDGEPACK, "keys", "generate", "--name", name, "-o", keys)
@@ -64,6 +65,12 @@ def test_the_controller_pushes_v2_to_the_fleet_and_a_device_that_was_down_gets_i
     v1, v2 = keys / "keyring.signed.json", tmp_path / "keyring.v2.json"
     ok(EDGEPACK, "keys", "rotate", "--keyring", v1, "--root-key", keys / "root.key",
        "--add", keys / "rel2.pub.json", "-o", v2)
+    return keys, db, v1, v2
+
+
+def test_the_controller_pushes_v2_to_the_fleet_and_a_device_that_was_down_gets_it_on_return(
+        tmp_path: Path, broker) -> None:
+    keys, db, v1, v2 = keyrings(tmp_path)
     # rel2's holder makes himself root of a v9 that trusts his key, signed by himself.
     rel2 = SigningKey.from_pem((keys / "rel2.key").read_bytes(), "rel2")
     evil = dataclasses.replace(
@@ -126,14 +133,7 @@ def test_a_controller_killed_before_a_device_returns_pushes_the_keyring_after_it
         tmp_path: Path, broker) -> None:
     """The desired keyring and each device's outcome are in the database, not in the process:
     a SIGKILLed controller's successor sends v2 to the device that was down."""
-    keys, db = tmp_path / "keys", tmp_path / "fleet.db"
-    for name in ("rel1", "rel2"):
-        ok(EDGEPACK, "keys", "generate", "--name", name, "-o", keys)
-    ok(EDGEPACK, "keys", "generate", "--root", "--name", "root", "-o", keys,
-       "--release", keys / "rel1.pub.json")
-    v1, v2 = keys / "keyring.signed.json", tmp_path / "keyring.v2.json"
-    ok(EDGEPACK, "keys", "rotate", "--keyring", v1, "--root-key", keys / "root.key",
-       "--add", keys / "rel2.pub.json", "-o", v2)
+    keys, db, v1, v2 = keyrings(tmp_path)
     state = tmp_path / "kr-c" / "state"
     ok(AGENT, "--state-dir", state, "keyring", "update", v1, "--init")
     agent = AgentProcess(state, keys / "rel1.pub.json", broker.url, device="kr-c", fleet=FLEET)
