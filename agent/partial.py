@@ -135,18 +135,30 @@ def load(staging_dir: Path, sha256: str, size: int) -> Partial | None:
     return p
 
 
-def _load(p: Partial) -> None:
-    from agent.bundle.archive import CHUNK, Resume, Segment
+def _read_journal(path: Path) -> tuple[dict[str, Any], list[Segment]]:
+    """A journal as written by :meth:`Partial.checkpoint`: the document and its segments.
 
-    doc = json.loads(read_capped(p.journal, MAX_JOURNAL_BYTES, StoreError, "a partial's journal"))
+    Raises:
+        OSError, ValueError, KeyError, TypeError, StoreError: unreadable or malformed.
+    """
+    from agent.bundle.archive import Segment
+
+    doc = json.loads(read_capped(path, MAX_JOURNAL_BYTES, StoreError, "a partial's journal"))
+    segments = [Segment(base64.b64decode(s["head"], validate=True), str(s["path"]), int(s["staged"]),
+                        s["complete"] is True, str(s.get("staged_sha256", "")))
+                for s in doc["segments"]]
+    return doc, segments
+
+
+def _load(p: Partial) -> None:
+    from agent.bundle.archive import CHUNK, Resume
+
+    doc, segments = _read_journal(p.journal)
     if doc.get("format") != FORMAT or doc.get("sha256") != p.sha256 or doc.get("size") != p.size:
         raise ValueError("its journal is for another download")
     p.manifest_bytes = read_capped(p.dir / MANIFEST_NAME, MAX_MANIFEST_BYTES, StoreError, "a manifest")
     p.sig_bytes = read_capped(p.dir / SIGNATURE_NAME, MAX_SIGNATURE_BYTES, StoreError, "a signature")
     entries = {f.path: f for f in Manifest.from_bytes(p.manifest_bytes).files}  # verified later
-    segments = [Segment(base64.b64decode(s["head"], validate=True), str(s["path"]), int(s["staged"]),
-                        s["complete"] is True, str(s.get("staged_sha256", "")))
-                for s in doc["segments"]]
     if not segments or any(not s.complete for s in segments[:-1]):
         raise ValueError("its journal has no complete prefix")
     hasher, tail = hashlib.sha256(), None
@@ -208,11 +220,12 @@ def describe(staging_dir: Path) -> dict[str, Any] | None:
     name = newest(staging_dir)
     if name is None:
         return None
+    from agent.bundle.archive import Resume
+
     try:
-        doc = json.loads(read_capped(staging_dir / (name + JOURNAL_SUFFIX), MAX_JOURNAL_BYTES,
-                                     StoreError, "a partial's journal"))
-        at = sum(len(base64.b64decode(s["head"])) + int(s["staged"]) for s in doc["segments"])
-        return {"sha256": str(doc["sha256"]), "size": int(doc["size"]), "resumes_at_byte": at}
+        doc, segments = _read_journal(staging_dir / (name + JOURNAL_SUFFIX))
+        return {"sha256": str(doc["sha256"]), "size": int(doc["size"]),
+                "resumes_at_byte": Resume(segments).offset}
     except (OSError, ValueError, KeyError, TypeError, EdgepackError):
         return None  # replaced or removed while read: the next status says
 

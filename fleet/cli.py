@@ -35,6 +35,7 @@ from fleet.client import (
     INSTALL_TIMEOUT,
     FleetClient,
     bundle_info,
+    client_for,
     local_path,
 )
 from fleet.inventory import DeviceRecord
@@ -48,11 +49,6 @@ DEFAULT_FLEET = "default"
 
 
 _err, _dump = err, dump
-
-
-def _client(args: argparse.Namespace) -> FleetClient:
-    return FleetClient(args.broker, args.fleet, username=args.username, password=args.password,
-                       ca_file=args.ca_file)
 
 
 def _timeout(args: argparse.Namespace, default: float) -> float:
@@ -124,7 +120,7 @@ def event_line(ev: dict[str, Any]) -> str:
 
 def cmd_devices(args: argparse.Namespace) -> int:
     """``edgepack fleet devices``: the device table from retained state/birth/health."""
-    with _client(args) as c:
+    with client_for(args) as c:
         records = c.devices(wait=args.wait)
     if args.json:
         _dump([r.to_dict() for r in records])
@@ -137,7 +133,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """``edgepack fleet status DEVICE``."""
-    with _client(args) as c:
+    with client_for(args) as c:
         res = c.status(args.device, timeout=_timeout(args, COMMAND_TIMEOUT))
     if args.json:
         _dump(res)
@@ -164,7 +160,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_probe(args: argparse.Namespace) -> int:
     """``edgepack fleet probe DEVICE``."""
     default = COMMAND_TIMEOUT * 6 if args.runtimes else COMMAND_TIMEOUT  # runtime checks load libraries
-    with _client(args) as c:
+    with client_for(args) as c:
         res = c.probe(args.device, runtimes=args.runtimes, timeout=_timeout(args, default))
     if args.json:
         _dump(res)
@@ -206,7 +202,7 @@ def cmd_install(args: argparse.Namespace) -> int:
     def on_event(ev: dict[str, Any]) -> None:
         _err(event_line(ev))
 
-    with _client(args) as c:
+    with client_for(args) as c:
         res = c.install(args.device, url, sha, size, on_event=on_event,
                         timeout=_timeout(args, INSTALL_TIMEOUT))
     if args.json:
@@ -233,7 +229,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
                        request_id=rid, **given)
     text: list[str] = []
     usage: dict[str, Any] | None = None
-    with _client(args) as c:
+    with client_for(args) as c:
         try:
             for chunk in c.infer(args.device, req, timeout=_timeout(args, INFER_TIMEOUT)):
                 if chunk.text:
@@ -267,7 +263,7 @@ def _cancel_quietly(c: FleetClient, device: str, rid: str) -> None:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     """``edgepack fleet rollback DEVICE``."""
-    with _client(args) as c:
+    with client_for(args) as c:
         res = c.rollback(args.device, timeout=_timeout(args, COMMAND_TIMEOUT * 6))
     if args.json:
         _dump(res)
@@ -278,7 +274,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     """``edgepack fleet cancel DEVICE REQUEST_ID``."""
-    with _client(args) as c:
+    with client_for(args) as c:
         res = c.cancel(args.device, args.request_id, timeout=_timeout(args, COMMAND_TIMEOUT))
     if args.json:
         _dump(res)

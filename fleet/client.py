@@ -49,7 +49,7 @@ from fleet.inventory import DeviceRecord, Inventory
 
 __all__ = [
     "DeviceBusyError", "DeviceCommandError", "DeviceInferenceError", "DeviceInstallError",
-    "FleetClient", "bundle_info", "install_job_id", "remote_error",
+    "FleetClient", "bundle_info", "client_for", "install_job_id", "remote_error",
 ]
 
 log = logging.getLogger("fleet.client")
@@ -455,3 +455,9 @@ class FleetClient:
             if on_event is not None:
                 on_event(ev)
 
+
+def client_for(args: Any) -> FleetClient:
+    """The host client that the ``fleet`` commands' common options describe (an argparse
+    namespace with ``broker``, ``fleet``, ``username``, ``password``, ``ca_file``)."""
+    return FleetClient(args.broker, args.fleet, username=args.username, password=args.password,
+                       ca_file=args.ca_file)

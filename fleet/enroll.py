@@ -133,11 +133,10 @@ def mark_revoked(args: argparse.Namespace) -> str | None:
     import time
 
     from agent.protocol import Topics, state_payload
-    from fleet.client import FleetClient
+    from fleet.client import client_for
 
     try:
-        with FleetClient(args.broker, args.fleet, username=args.username, password=args.password,
-                         ca_file=args.ca_file) as client:
+        with client_for(args) as client:
             client.transport.publish(Topics(args.fleet, args.device).state,
                                      state_payload("revoked", ts=time.time()), qos=1, retain=True,
                                      timeout=10.0)

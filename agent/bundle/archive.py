@@ -269,8 +269,10 @@ class BundleReader:
         if last is not None and not last.complete:
             entry = expected.get(last.path)
             if entry is None or dest is None or self._resume.tail_hash is None:
-                raise BundleFormatError(f"cannot resume {last.path!r}: not in the manifest",
-                                        member=last.path)
+                # The caller's journal names a file the manifest lacks, or gave no staging folder
+                # or no hash of the staged bytes: nothing to continue.
+                raise BundleFormatError(f"cannot resume {last.path!r}: no staged part of it to "
+                                        "continue", member=last.path)
             start = self._tap.pos - last.staged
             self._tap.data_at(self._tap.pos, start + entry.size)
             fd = os.open(dest / last.path, os.O_WRONLY | os.O_NOFOLLOW)
